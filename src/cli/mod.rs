@@ -1,0 +1,125 @@
+//! The command line (SPEC §2): one file per verb.
+//!
+//! Exit codes: 0 ok, 1 a problem the user can fix, 2 usage (clap's own).
+
+mod render;
+mod send;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::action::{self, ActionSet};
+use crate::event::ActionEvent;
+use crate::settings::Settings;
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "journey-actions",
+    version,
+    about = "Executes journey custom actions: renders each action event into the provider's REST call and sends it",
+    long_about = "Executes the custom actions of customer-journey orchestration. An action event (JSON) names an \
+action definition (one YAML or JSON file in the actions directory); journey-actions renders the HTTP request \
+from the event and calls the provider with throttling, capping, timeouts and retries.\n\n\
+Configuration: DIR/default.toml, then DIR/local.toml, then JOURNEY_ACTIONS__SECTION__KEY variables."
+)]
+pub struct Cli {
+    /// Configuration directory (default.toml, local.toml, and actions/ unless [actions] dir says otherwise)
+    #[arg(long, global = true, value_name = "DIR", default_value = "config")]
+    pub config: PathBuf,
+    /// Log line format on stderr
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and check every action definition; print `FILE: FIELD: message` per problem (exit 1 if any)
+    Validate,
+    /// Print the exact HTTP request an event would produce (secrets shown as ***); sends nothing
+    Render(ActionArgs),
+    /// Send one test request for an event: one real call, no retries; print status, headers and body (exit 0 on 2xx)
+    Send(ActionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActionArgs {
+    /// The action id (overrides the event's `action_id`)
+    #[arg(long, value_name = "ID")]
+    pub action: String,
+    /// The action event, a JSON file (`-` for stdin). `event_id` and `profile_id` may be left out: test values are used
+    #[arg(long, value_name = "FILE")]
+    pub event: PathBuf,
+}
+
+/// Runs the CLI and maps the result to an exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    telemetry::init(cli.log_format, cli.verbose as i8 - cli.quiet as i8);
+    let result = match &cli.command {
+        Command::Validate => validate::run(&cli.config),
+        Command::Render(args) => render::run(&cli.config, args),
+        Command::Send(args) => send::run(&cli.config, args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads settings and the actions; problems in files other than the one
+/// `wanted` are reported as warnings.
+fn load_actions(config: &Path, wanted: &str) -> anyhow::Result<(Settings, ActionSet)> {
+    let settings = Settings::load(config)?;
+    let (set, problems) = action::load_dir_partial(&settings.actions.dir, config);
+    if set.get(wanted).is_none() {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        anyhow::bail!(
+            "no valid action `{wanted}` in {} ({} problem(s) above)",
+            settings.actions.dir.display(),
+            problems.len()
+        );
+    }
+    for p in &problems {
+        eprintln!("warning: {p}");
+    }
+    Ok((settings, set))
+}
+
+/// Reads an event file for `render`/`send`: `--action` names the action, and
+/// missing `event_id`/`profile_id` get test values.
+fn read_event(path: &Path, action: &str) -> anyhow::Result<ActionEvent> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the event from stdin")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read event file {}", path.display()))?
+    };
+    let mut value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("event file {} is not valid JSON", path.display()))?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("action_id".into(), action.into());
+        map.entry("event_id")
+            .or_insert_with(|| format!("test-{}", chrono::Utc::now().timestamp_millis()).into());
+        map.entry("profile_id")
+            .or_insert_with(|| "test-profile".into());
+    }
+    ActionEvent::from_value(value)
+        .map_err(|e| anyhow::anyhow!("invalid_event: {}: {}", path.display(), e.reason))
+}

@@ -1,0 +1,88 @@
+//! The HTTP client: one pooled `reqwest::Client` shared by every action
+//! (actions with their own TLS material get a client of their own), and the
+//! classification of transport failures.
+
+use std::time::Duration;
+
+use reqwest::{Certificate, Client, Identity};
+
+use super::retry::AttemptClass;
+
+/// Redirects followed before a call fails (SPEC: at most 5).
+pub const MAX_REDIRECTS: usize = 5;
+
+/// TLS material of one action, as PEM text.
+#[derive(Clone, Default)]
+pub struct TlsMaterial {
+    pub identity_pem: Option<Vec<u8>>,
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field(
+                "client_identity",
+                &self.identity_pem.as_ref().map(|_| "***"),
+            )
+            .field("ca", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// Builds a client; `tls` adds a client certificate and/or a private CA.
+pub fn build(tls: Option<&TlsMaterial>) -> Result<Client, String> {
+    let mut builder = Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("journey-actions/", env!("CARGO_PKG_VERSION")));
+    if let Some(tls) = tls {
+        if let Some(pem) = &tls.identity_pem {
+            let identity = Identity::from_pem(pem)
+                .map_err(|e| format!("client certificate and key: {}", describe(&e)))?;
+            builder = builder.identity(identity);
+        }
+        if let Some(pem) = &tls.ca_pem {
+            let certs = Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("CA certificate: {}", describe(&e)))?;
+            if certs.is_empty() {
+                return Err("CA certificate: no certificate in the PEM".into());
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("HTTP client: {}", describe(&e)))
+}
+
+/// How a transport failure counts for `retry_on`.
+pub fn class_of(err: &reqwest::Error) -> AttemptClass {
+    if err.is_timeout() {
+        AttemptClass::Timeout
+    } else if err.is_connect() {
+        AttemptClass::Connect
+    } else {
+        AttemptClass::Error
+    }
+}
+
+/// The error with its causes, on one line.
+pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,450 @@
+//! Dispatch: one action event → the provider call(s) → one [`Outcome`].
+//!
+//! The [`Dispatcher`] knows nothing about Kafka. Per attempt the limits
+//! compose in a fixed order: rate limit (wait), cap (reject), bulkhead
+//! (wait), then the call with its per-attempt timeout; between attempts the
+//! retry policy decides and waits. `expires_at` bounds every wait.
+
+pub mod auth;
+pub mod client;
+pub mod limits;
+pub mod outcome;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use chrono::Utc;
+use reqwest::header::{HeaderMap, HeaderName, RETRY_AFTER};
+use reqwest::{Client, Request, StatusCode};
+use serde_json::Value;
+
+use crate::action::{ActionDefinition, ActionSet};
+use crate::event::ActionEvent;
+use crate::render::RenderedRequest;
+use limits::KeyLimits;
+pub use outcome::{Attempt, AttemptStatus, Outcome, OutcomeCode};
+use retry::{classify, AttemptClass, Verdict};
+
+/// How much of a response `send` prints.
+pub const SEND_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Settings the dispatcher takes from `[dispatch]`.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    pub default_timeout: Duration,
+    /// `None` when `dispatch.idempotency_header` is empty.
+    pub idempotency_header: Option<HeaderName>,
+}
+
+impl DispatchOptions {
+    pub fn from_settings(s: &crate::settings::DispatchSettings) -> DispatchOptions {
+        DispatchOptions {
+            default_timeout: s.default_timeout,
+            idempotency_header: (!s.idempotency_header.is_empty())
+                .then(|| HeaderName::from_bytes(s.idempotency_header.as_bytes()).ok())
+                .flatten(),
+        }
+    }
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions::from_settings(&crate::settings::DispatchSettings::default())
+    }
+}
+
+/// A provider's answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// At most the limit asked for.
+    pub body: Bytes,
+    /// The provider sent more than `body`.
+    pub truncated: bool,
+}
+
+/// Why an attempt got no answer.
+#[derive(Debug, Clone)]
+struct Failure {
+    class: AttemptClass,
+    message: String,
+    /// The provider was not called (credentials could not be obtained).
+    before_call: bool,
+}
+
+/// Executes action events against providers.
+pub struct Dispatcher {
+    actions: Arc<ActionSet>,
+    limits: HashMap<String, Arc<KeyLimits>>,
+    client: Client,
+    options: DispatchOptions,
+}
+
+impl Dispatcher {
+    pub fn new(actions: Arc<ActionSet>, options: DispatchOptions) -> anyhow::Result<Dispatcher> {
+        let client = client::build(None).map_err(anyhow::Error::msg)?;
+        let limits = actions
+            .limits()
+            .into_iter()
+            .filter(|(_, spec)| !spec.is_empty())
+            .map(|(key, spec)| (key.clone(), Arc::new(KeyLimits::new(key, &spec))))
+            .collect();
+        Ok(Dispatcher {
+            actions,
+            limits,
+            client,
+            options,
+        })
+    }
+
+    pub fn actions(&self) -> &Arc<ActionSet> {
+        &self.actions
+    }
+
+    /// Looks up the action, checks the params and the expiry, and renders.
+    pub fn prepare(
+        &self,
+        event: &ActionEvent,
+    ) -> Result<(Arc<ActionDefinition>, RenderedRequest), Outcome> {
+        prepare(
+            &self.actions,
+            event,
+            self.options.idempotency_header.as_ref(),
+        )
+    }
+
+    /// Runs one event to its final outcome: limits, calls, retries.
+    pub async fn execute(&self, event: &ActionEvent) -> Outcome {
+        let (def, request) = match self.prepare(event) {
+            Ok(ready) => ready,
+            Err(outcome) => return outcome,
+        };
+        let limits = self.limits.get(&def.limits_key);
+        let client = def.client.as_ref().unwrap_or(&self.client);
+        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
+        let deadline = event.deadline.map(|d| {
+            let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::time::Instant::now() + left
+        });
+        let started = Instant::now();
+        let mut outcome = Outcome::early(OutcomeCode::Ok, "");
+        outcome.error = None;
+        outcome.limits_key = limits.map(|l| l.key.clone());
+        let mut schedule = def.retry.schedule();
+        let expired = |mut outcome: Outcome, while_what: &str| {
+            outcome.code = OutcomeCode::Expired;
+            let last = outcome
+                .error
+                .take()
+                .map(|e| format!(" (last attempt: {e})"))
+                .unwrap_or_default();
+            outcome.error = Some(format!("expires_at passed {while_what}{last}"));
+            outcome.completed_at = Utc::now();
+            outcome
+        };
+        loop {
+            let mut _permit = None;
+            if let Some(limits) = limits {
+                match until(deadline, limits.throttle()).await {
+                    Some(waited) => outcome.throttle_wait += waited,
+                    None => return expired(outcome, "while throttled"),
+                }
+                if !limits.take_cap() {
+                    outcome.code = OutcomeCode::Capped;
+                    outcome.error = Some(format!("cap of key `{}` reached", limits.key));
+                    outcome.completed_at = Utc::now();
+                    return outcome;
+                }
+                match until(deadline, limits.enter()).await {
+                    Some(permit) => _permit = permit,
+                    None => return expired(outcome, "while waiting for a concurrency slot"),
+                }
+            }
+            outcome.first_attempt_at.get_or_insert_with(Utc::now);
+            let result = self
+                .call(
+                    &def,
+                    client,
+                    &request,
+                    event,
+                    timeout,
+                    def.response.max_bytes,
+                    &mut outcome.attempts,
+                )
+                .await;
+            drop(_permit);
+
+            let class = match &result {
+                Ok(reply) => AttemptClass::Status(reply.status),
+                Err(failure) => failure.class,
+            };
+            let verdict = classify(class, &def.retry.retry_on);
+            finish(&def, &mut outcome, &result);
+            if verdict != Verdict::Retry {
+                return outcome;
+            }
+            let Some(backoff) = schedule.next() else {
+                return outcome;
+            };
+            let retry_after = match &result {
+                Ok(reply) if matches!(reply.status, 429 | 503) => reply
+                    .headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
+                _ => None,
+            };
+            let Some(delay) =
+                def.retry
+                    .next_delay(backoff, retry_after, started.elapsed(), &mut rand::rng())
+            else {
+                return outcome;
+            };
+            if deadline.is_some_and(|d| tokio::time::Instant::now() + delay >= d) {
+                return expired(outcome, "before the next retry");
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The "send test request": one call, no retries and no limits.
+    pub async fn send_once(&self, event: &ActionEvent) -> Result<Reply, Outcome> {
+        let (def, request) = self.prepare(event)?;
+        let client = def.client.as_ref().unwrap_or(&self.client);
+        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
+        let mut outcome = Outcome::early(OutcomeCode::Ok, "");
+        outcome.first_attempt_at = Some(Utc::now());
+        let result = self
+            .call(
+                &def,
+                client,
+                &request,
+                event,
+                timeout,
+                SEND_BODY_LIMIT,
+                &mut outcome.attempts,
+            )
+            .await;
+        match result {
+            Ok(reply) => Ok(reply),
+            Err(_) => {
+                finish(&def, &mut outcome, &result);
+                Err(outcome)
+            }
+        }
+    }
+
+    /// One provider call with credentials; on a 401 with a token scheme the
+    /// token is refreshed once and the call repeated.
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        def: &ActionDefinition,
+        client: &Client,
+        rendered: &RenderedRequest,
+        event: &ActionEvent,
+        timeout: Duration,
+        body_limit: usize,
+        attempts: &mut Vec<Attempt>,
+    ) -> Result<Reply, Failure> {
+        let mut refreshed = false;
+        loop {
+            let mut req = to_request(rendered);
+            let used = def
+                .auth
+                .apply(client, &mut req, &event.event_id, timeout)
+                .await
+                .map_err(|e| Failure {
+                    class: e.class,
+                    message: def.mask(&e.to_string()),
+                    before_call: true,
+                })?;
+            let start = Instant::now();
+            let result = tokio::time::timeout(timeout, exchange(client, req, body_limit)).await;
+            let duration = start.elapsed();
+            let result = match result {
+                Ok(r) => r,
+                Err(_) => Err(Failure {
+                    class: AttemptClass::Timeout,
+                    message: format!("no answer within {}", humantime::format_duration(timeout)),
+                    before_call: false,
+                }),
+            };
+            let status = match &result {
+                Ok(reply) => AttemptStatus::Status(reply.status),
+                Err(f) if f.class == AttemptClass::Timeout => AttemptStatus::Timeout,
+                Err(_) => AttemptStatus::Error,
+            };
+            attempts.push(Attempt { status, duration });
+            match (result, used) {
+                (Ok(reply), Some(token))
+                    if reply.status == 401 && !refreshed && def.auth.refreshes_on_401() =>
+                {
+                    def.auth.invalidate(token);
+                    refreshed = true;
+                }
+                (Ok(reply), _) => return Ok(reply),
+                (Err(mut f), _) => {
+                    f.message = def.mask(&f.message);
+                    return Err(f);
+                }
+            }
+        }
+    }
+}
+
+/// Looks up the action, checks params and expiry, renders the request.
+pub fn prepare(
+    actions: &ActionSet,
+    event: &ActionEvent,
+    idempotency: Option<&HeaderName>,
+) -> Result<(Arc<ActionDefinition>, RenderedRequest), Outcome> {
+    let Some(def) = actions.get(&event.action_id) else {
+        return Err(Outcome::early(
+            OutcomeCode::UnknownAction,
+            format!("no action `{}` is defined", event.action_id),
+        ));
+    };
+    let missing = def
+        .check_params(&event.params)
+        .map_err(|e| Outcome::early(OutcomeCode::InvalidEvent, e))?;
+    if event.expired_at(Utc::now()) {
+        return Err(Outcome::early(
+            OutcomeCode::Expired,
+            "expires_at passed before the event could be sent",
+        ));
+    }
+    let request = def
+        .request
+        .render(event, &missing, idempotency)
+        .map_err(|e| Outcome::early(OutcomeCode::RenderError, def.mask(&e.to_string())))?;
+    Ok((def.clone(), request))
+}
+
+/// A `reqwest::Request` for a rendered request (the body is shared, not copied).
+pub fn to_request(rendered: &RenderedRequest) -> Request {
+    let mut req = Request::new(rendered.method.clone(), rendered.url.clone());
+    *req.headers_mut() = rendered.headers.clone();
+    if let Some(body) = &rendered.body {
+        *req.body_mut() = Some(body.clone().into());
+    }
+    req
+}
+
+/// Sends `req` and reads at most `limit` bytes of the answer.
+async fn exchange(client: &Client, req: Request, limit: usize) -> Result<Reply, Failure> {
+    let transport = |e: reqwest::Error| Failure {
+        class: client::class_of(&e),
+        message: client::describe(&e),
+        before_call: false,
+    };
+    let mut resp = client.execute(req).await.map_err(transport)?;
+    let status = resp.status().as_u16();
+    let headers = std::mem::take(resp.headers_mut());
+    let mut body = Vec::new();
+    let mut truncated = false;
+    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            truncated = true;
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Reply {
+        status,
+        headers,
+        body: Bytes::from(body),
+        truncated,
+    })
+}
+
+/// Records the result of the latest attempt as the outcome so far.
+fn finish(def: &ActionDefinition, outcome: &mut Outcome, result: &Result<Reply, Failure>) {
+    outcome.completed_at = Utc::now();
+    match result {
+        Ok(reply) if (200..300).contains(&reply.status) => {
+            outcome.code = OutcomeCode::Ok;
+            outcome.error = None;
+            outcome.error_response = None;
+            outcome.response = def.response.capture.then(|| capture(reply)).flatten();
+        }
+        Ok(reply) => {
+            outcome.code = OutcomeCode::Http(reply.status);
+            let reason = StatusCode::from_u16(reply.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("");
+            outcome.error = Some(
+                format!("the provider answered {} {reason}", reply.status)
+                    .trim_end()
+                    .to_string(),
+            );
+            outcome.response = None;
+            outcome.error_response = def
+                .response
+                .capture
+                .then(|| capture(reply))
+                .flatten()
+                .map(|v| mask_value(def, v));
+        }
+        Err(f) => {
+            outcome.code = if f.class == AttemptClass::Timeout {
+                OutcomeCode::TimedOut
+            } else {
+                OutcomeCode::Error
+            };
+            outcome.error = Some(if f.before_call {
+                f.message.clone()
+            } else {
+                format!("call failed: {}", f.message)
+            });
+            outcome.response = None;
+            outcome.error_response = None;
+        }
+    }
+}
+
+/// The body as JSON when it is complete JSON, else as text (cut at the limit).
+pub fn capture(reply: &Reply) -> Option<Value> {
+    if reply.body.is_empty() {
+        return None;
+    }
+    if !reply.truncated {
+        if let Ok(v) = serde_json::from_slice::<Value>(&reply.body) {
+            return Some(v);
+        }
+    }
+    Some(Value::String(
+        String::from_utf8_lossy(&reply.body).into_owned(),
+    ))
+}
+
+fn mask_value(def: &ActionDefinition, v: Value) -> Value {
+    if def.secrets.is_empty() {
+        return v;
+    }
+    let text = v.to_string();
+    let masked = def.mask(&text);
+    if masked == text {
+        v
+    } else {
+        serde_json::from_str(&masked).unwrap_or(Value::String(masked))
+    }
+}
+
+/// Runs `fut` until `deadline`; `None` when the deadline came first.
+async fn until<T>(
+    deadline: Option<tokio::time::Instant>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        None => Some(fut.await),
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+    }
+}

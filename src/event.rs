@@ -1,0 +1,261 @@
+//! The action event of SPEC §5.1, parsed once at the edge.
+//!
+//! Parsing never panics and never drops information needed for the outcome:
+//! a record that is not a valid event still yields the identifiers it did
+//! carry, so the result and DLQ records can name them.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A valid action event.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionEvent {
+    pub event_id: String,
+    pub action_id: String,
+    pub profile_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journey: Option<Map<String, Value>>,
+    pub params: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emitted_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// `expires_at`, parsed.
+    #[serde(skip)]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// Why a record is not a valid action event, with whatever it did identify.
+#[derive(Debug, Clone, Default, thiserror::Error)]
+#[error("{reason}")]
+pub struct InvalidEvent {
+    pub reason: String,
+    pub event_id: Option<String>,
+    pub action_id: Option<String>,
+    pub profile_id: Option<String>,
+    pub journey: Option<Map<String, Value>>,
+}
+
+impl ActionEvent {
+    /// Parses a record value (UTF-8 JSON).
+    pub fn from_slice(bytes: &[u8]) -> Result<ActionEvent, InvalidEvent> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| InvalidEvent {
+            reason: format!("not valid JSON: {e}"),
+            ..Default::default()
+        })?;
+        Self::from_value(value)
+    }
+
+    /// Checks a JSON value against SPEC §5.1.
+    pub fn from_value(value: Value) -> Result<ActionEvent, InvalidEvent> {
+        let Value::Object(mut map) = value else {
+            return Err(InvalidEvent {
+                reason: format!("the event must be a JSON object, not {}", kind(&value)),
+                ..Default::default()
+            });
+        };
+        let mut partial = InvalidEvent {
+            event_id: take_string(&mut map, "event_id").ok().flatten(),
+            action_id: take_string(&mut map, "action_id").ok().flatten(),
+            profile_id: take_string(&mut map, "profile_id").ok().flatten(),
+            ..Default::default()
+        };
+        let fail = |mut partial: InvalidEvent, reason: String| {
+            partial.reason = reason;
+            Err(partial)
+        };
+        // Fields taken above are gone from `map`; look at what was wrong with them.
+        for (field, got) in [
+            ("event_id", partial.event_id.clone()),
+            ("action_id", partial.action_id.clone()),
+            ("profile_id", partial.profile_id.clone()),
+        ] {
+            match got {
+                Some(s) if s.is_empty() => {
+                    return fail(partial, format!("{field} must not be empty"))
+                }
+                Some(_) => {}
+                None => {
+                    let why = match map.get(field) {
+                        None | Some(Value::Null) => format!("{field} is required"),
+                        Some(other) => format!("{field} must be a string, not {}", kind(other)),
+                    };
+                    return fail(partial, why);
+                }
+            }
+        }
+        let journey = match take_object(&mut map, "journey") {
+            Ok(j) => j,
+            Err(e) => return fail(partial, e),
+        };
+        partial.journey = journey.clone();
+        let params = match take_object(&mut map, "params") {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => return fail(partial, e),
+        };
+        let context = match take_object(&mut map, "context") {
+            Ok(c) => c,
+            Err(e) => return fail(partial, e),
+        };
+        let emitted_at = match take_time(&mut map, "emitted_at") {
+            Ok(t) => t.map(|(raw, _)| raw),
+            Err(e) => return fail(partial, e),
+        };
+        let (expires_at, deadline) = match take_time(&mut map, "expires_at") {
+            Ok(Some((raw, at))) => (Some(raw), Some(at)),
+            Ok(None) => (None, None),
+            Err(e) => return fail(partial, e),
+        };
+        Ok(ActionEvent {
+            event_id: partial.event_id.unwrap_or_default(),
+            action_id: partial.action_id.unwrap_or_default(),
+            profile_id: partial.profile_id.unwrap_or_default(),
+            journey,
+            params,
+            context,
+            emitted_at,
+            expires_at,
+            deadline,
+        })
+    }
+
+    /// Whether `expires_at` has passed at `now`.
+    pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Takes a string field out of `map`; leaves any non-string in place.
+fn take_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ()> {
+    match map.get(field) {
+        Some(Value::String(_)) => match map.remove(field) {
+            Some(Value::String(s)) => Ok(Some(s)),
+            _ => Err(()),
+        },
+        _ => Ok(None),
+    }
+}
+
+fn take_object(
+    map: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, String> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(other) => Err(format!("{field} must be an object, not {}", kind(&other))),
+    }
+}
+
+fn take_time(
+    map: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<(String, DateTime<Utc>)>, String> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
+            Ok(t) => Ok(Some((s, t.with_timezone(&Utc)))),
+            Err(e) => Err(format!(
+                "{field} must be an RFC 3339 time such as 2026-11-23T18:00:00Z: `{s}`: {e}"
+            )),
+        },
+        Some(other) => Err(format!(
+            "{field} must be an RFC 3339 time string, not {}",
+            kind(&other)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_full_event_parses() {
+        let e = ActionEvent::from_value(json!({
+            "event_id": "e1", "action_id": "a", "profile_id": "p",
+            "journey": {"id": "j"}, "params": {"x": 1}, "context": {"locale": "fr"},
+            "emitted_at": "2026-11-23T12:00:00Z", "expires_at": "2026-11-23T18:00:00+02:00"
+        }))
+        .unwrap();
+        assert_eq!(e.event_id, "e1");
+        assert_eq!(e.params["x"], 1);
+        assert_eq!(
+            e.deadline.unwrap().to_rfc3339(),
+            "2026-11-23T16:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn invalid_events_keep_the_ids_they_had() {
+        let table = [
+            (json!([1]), "must be a JSON object", None),
+            (
+                json!({"action_id": "a", "profile_id": "p"}),
+                "event_id is required",
+                None,
+            ),
+            (
+                json!({"event_id": 5, "action_id": "a", "profile_id": "p"}),
+                "event_id must be a string",
+                None,
+            ),
+            (
+                json!({"event_id": "e", "action_id": "a"}),
+                "profile_id is required",
+                Some("e"),
+            ),
+            (
+                json!({"event_id": "e", "action_id": "a", "profile_id": "p", "params": [1]}),
+                "params must be an object",
+                Some("e"),
+            ),
+            (
+                json!({"event_id": "e", "action_id": "a", "profile_id": "p", "journey": "j"}),
+                "journey must be an object",
+                Some("e"),
+            ),
+            (
+                json!({"event_id": "e", "action_id": "a", "profile_id": "p", "expires_at": "tomorrow"}),
+                "RFC 3339",
+                Some("e"),
+            ),
+            (
+                json!({"event_id": "", "action_id": "a", "profile_id": "p"}),
+                "must not be empty",
+                Some(""),
+            ),
+        ];
+        for (value, reason, id) in table {
+            let err = ActionEvent::from_value(value.clone()).unwrap_err();
+            assert!(err.reason.contains(reason), "{value}: {}", err.reason);
+            assert_eq!(err.event_id.as_deref(), id, "{value}");
+        }
+        let err = ActionEvent::from_slice(b"{not json").unwrap_err();
+        assert!(err.reason.starts_with("not valid JSON"));
+    }
+
+    #[test]
+    fn expiry_is_checked_against_now() {
+        let e = ActionEvent::from_value(json!({
+            "event_id": "e", "action_id": "a", "profile_id": "p", "expires_at": "2020-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert!(e.expired_at(Utc::now()));
+    }
+}
