@@ -15,7 +15,7 @@ use crate::units::serde_duration;
 /// Environment variables with this prefix (then `__`) override file settings.
 pub const ENV_PREFIX: &str = "JOURNEY_ACTIONS";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub kafka: KafkaSettings,
@@ -70,17 +70,6 @@ pub struct AdminSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ActionsSettings {
     pub dir: PathBuf,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            kafka: KafkaSettings::default(),
-            dispatch: DispatchSettings::default(),
-            admin: AdminSettings::default(),
-            actions: ActionsSettings::default(),
-        }
-    }
 }
 
 impl Default for KafkaSettings {

@@ -2,7 +2,9 @@
 //!
 //! Exit codes: 0 ok, 1 a problem the user can fix, 2 usage (clap's own).
 
+mod demo;
 mod render;
+mod run;
 mod send;
 mod validate;
 
@@ -46,6 +48,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The worker: consume action events, call providers, write results and DLQ records, serve /metrics; until SIGTERM/SIGINT
+    Run,
+    /// The embedded default: in-process Kafka (librdkafka mock cluster) and mock providers, the example actions, sample events through the real worker; prints a summary
+    Demo(DemoArgs),
     /// Load and check every action definition; print `FILE: FIELD: message` per problem (exit 1 if any)
     Validate,
     /// Print the exact HTTP request an event would produce (secrets shown as ***); sends nothing
@@ -64,10 +70,25 @@ pub struct ActionArgs {
     pub event: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many sample events to produce
+    #[arg(long, default_value_t = 10_000)]
+    pub events: usize,
+    /// Exit once every event is final (default: keep /metrics up until Ctrl-C)
+    #[arg(long)]
+    pub exit: bool,
+    /// Where to serve /metrics (a free port is used if this one is taken)
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
+    pub listen: String,
+}
+
 /// Runs the CLI and maps the result to an exit code.
 pub fn main(cli: Cli) -> ExitCode {
     telemetry::init(cli.log_format, cli.verbose as i8 - cli.quiet as i8);
     let result = match &cli.command {
+        Command::Run => run::run(&cli.config),
+        Command::Demo(args) => demo::run(args),
         Command::Validate => validate::run(&cli.config),
         Command::Render(args) => render::run(&cli.config, args),
         Command::Send(args) => send::run(&cli.config, args),

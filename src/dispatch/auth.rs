@@ -82,7 +82,10 @@ pub struct TokenAuth {
     source: TokenSource,
     place: Placement,
     current: RwLock<Option<CachedToken>>,
-    refresh: tokio::sync::Mutex<()>,
+    /// Held while fetching; holds the last fetch's failure (`None` after a success).
+    refresh: tokio::sync::Mutex<Option<AuthError>>,
+    /// Fetches finished, failed or not.
+    fetches: AtomicU64,
     generation: AtomicU64,
 }
 
@@ -396,7 +399,8 @@ impl Auth {
             source,
             place,
             current: RwLock::new(None),
-            refresh: tokio::sync::Mutex::new(()),
+            refresh: tokio::sync::Mutex::new(None),
+            fetches: AtomicU64::new(0),
             generation: AtomicU64::new(0),
         }))
     }
@@ -419,6 +423,11 @@ impl Auth {
                 let token = t.get(client, timeout).await?;
                 place_token(req, &t.place, token.value.expose_secret())?;
                 Ok(Some(TokenUsed(token.generation)))
+            }
+            // Signing over an id the provider cannot be sent would deliver a
+            // request nobody can verify: refuse it instead.
+            Auth::Hmac { .. } if HeaderValue::from_str(event_id).is_err() => {
+                Err(error("the event_id cannot be sent as the webhook-id header"))
             }
             other => {
                 other.apply_static(req, event_id);
@@ -563,17 +572,29 @@ impl TokenAuth {
         if let Some(t) = self.valid() {
             return Ok(t);
         }
-        // Single flight: whoever holds the lock fetches; the rest find its token.
-        let _guard = self.refresh.lock().await;
+        // Single flight: whoever holds the lock fetches; the rest find its
+        // token, or its failure when it failed while they waited (so a dead
+        // token endpoint is asked once, not once per queued caller in turn).
+        let seen = self.fetches.load(Ordering::Acquire);
+        let mut last_failure = self.refresh.lock().await;
         if let Some(t) = self.valid() {
             return Ok(t);
         }
-        let (value, lifetime) = tokio::time::timeout(timeout, self.fetch(client))
+        if self.fetches.load(Ordering::Acquire) != seen {
+            if let Some(e) = last_failure.as_ref() {
+                return Err(e.clone());
+            }
+        }
+        let fetched = tokio::time::timeout(timeout, self.fetch(client))
             .await
             .map_err(|_| AuthError {
                 message: format!("token request timed out after {timeout:?}"),
                 class: AttemptClass::Timeout,
-            })??;
+            })
+            .and_then(|r| r);
+        self.fetches.fetch_add(1, Ordering::Release);
+        *last_failure = fetched.as_ref().err().cloned();
+        let (value, lifetime) = fetched?;
         let margin = REFRESH_MARGIN.min(lifetime / 2);
         let token = CachedToken {
             value: Arc::new(value),
@@ -698,7 +719,7 @@ async fn send(req: reqwest::RequestBuilder, what: &str) -> Result<bytes::Bytes, 
     })?;
     if !status.is_success() {
         return Err(AuthError {
-            message: format!("{what} answered {}", status.as_u16()),
+            message: format!("{what} answered {} {}", status.as_u16(), String::from_utf8_lossy(&body)),
             class: AttemptClass::Status(status.as_u16()),
         });
     }

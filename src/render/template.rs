@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 
+use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -93,13 +94,21 @@ impl Templates {
                 return Ok(());
             }
             if state.auto_escape() == AutoEscape::Custom(URL_ESCAPE) {
-                let text = match value.as_str() {
-                    Some(s) => s.to_string(),
-                    None => value.to_string(),
-                };
-                write!(out, "{}", utf8_percent_encode(&text, PATH_SEGMENT))
-                    .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))?;
+                write!(
+                    out,
+                    "{}",
+                    utf8_percent_encode(&plain_text(value), PATH_SEGMENT)
+                )
+                .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))?;
                 return Ok(());
+            }
+            if matches!(
+                value.kind(),
+                ValueKind::Bool | ValueKind::Seq | ValueKind::Map
+            ) {
+                return out
+                    .write_str(&plain_text(value))
+                    .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()));
             }
             minijinja::escape_formatter(out, state, value)
         });
@@ -193,10 +202,7 @@ impl Templates {
         match leaf {
             Leaf::Const(s) => Ok(Some(s.clone())),
             Leaf::Text(name) => self.render(name, ctx).map(Some),
-            Leaf::Expr(_) => Ok(self.eval(leaf, ctx)?.map(|v| match v.as_str() {
-                Some(s) => s.to_string(),
-                None => v.to_string(),
-            })),
+            Leaf::Expr(_) => Ok(self.eval(leaf, ctx)?.map(|v| plain_text(&v))),
         }
     }
 
@@ -225,6 +231,20 @@ fn eval_error(field: &str, e: &minijinja::Error) -> EvalError {
     EvalError {
         field: field.to_string(),
         message,
+    }
+}
+
+/// A value printed into text (a mixed leaf, a query value, a header, a URL
+/// path segment) the way the JSON it came from writes it: `true`, not
+/// Jinja's `True`; lists and objects as compact JSON, not Python reprs.
+pub fn plain_text(value: &Value) -> String {
+    match value.kind() {
+        ValueKind::String => value.as_str().unwrap_or_default().to_string(),
+        ValueKind::Bool => value.is_true().to_string(),
+        ValueKind::Seq | ValueKind::Map => {
+            serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
+        }
+        _ => value.to_string(),
     }
 }
 
@@ -272,6 +292,23 @@ mod tests {
         let ctx = Value::from_serialize(context! { params => context! { n => 42 } });
         assert_eq!(t.eval(&n, &ctx).unwrap().unwrap(), Value::from(42));
         assert_eq!(t.text(&s, &ctx).unwrap().unwrap(), "n=42");
+    }
+
+    #[test]
+    fn values_in_text_print_as_json_writes_them() {
+        let mut t = Templates::new();
+        let s = t
+            .add("s", "{{ params.b }} {{ params.l }} {{ params.o }}")
+            .unwrap();
+        let e = t.add("e", "{{ params.b }}").unwrap();
+        let ctx = Value::from_serialize(context! { params => context! {
+            b => true, l => vec![Some(false), None], o => context! { k => "v" }
+        } });
+        assert_eq!(
+            t.text(&s, &ctx).unwrap().unwrap(),
+            r#"true [false,null] {"k":"v"}"#
+        );
+        assert_eq!(t.text(&e, &ctx).unwrap().unwrap(), "true");
     }
 
     #[test]
