@@ -17,6 +17,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         demo::run(
             DemoOptions {
                 events: args.events,
+                brokers: args.brokers.clone(),
                 exit: args.exit,
                 listen: args.listen.clone(),
             },

@@ -78,6 +78,9 @@ pub struct DemoArgs {
     /// Exit once every event is final (default: keep /metrics up until Ctrl-C)
     #[arg(long)]
     pub exit: bool,
+    /// Use this Kafka broker (fresh topics are created) instead of the in-process mock cluster
+    #[arg(long, value_name = "HOST:PORT")]
+    pub brokers: Option<String>,
     /// Where to serve /metrics (a free port is used if this one is taken)
     #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
     pub listen: String,

@@ -56,7 +56,8 @@ pub fn describe(
     }
     let mut out = format!("{} {}\n", req.method(), url);
     for (name, value) in req.headers() {
-        let text = value.to_str().unwrap_or("<binary>");
+        // Header values may carry UTF-8 from event data (sent as is): show it.
+        let text = String::from_utf8_lossy(value.as_bytes());
         let shown = if name == AUTHORIZATION {
             match text.split_once(' ') {
                 Some((scheme, _)) => format!("{scheme} ***"),

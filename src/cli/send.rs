@@ -34,7 +34,7 @@ pub fn run(config: &Path, args: &ActionArgs) -> anyhow::Result<ExitCode> {
             for (name, value) in &reply.headers {
                 out.push_str(&format!(
                     "{name}: {}\n",
-                    value.to_str().unwrap_or("<binary>")
+                    String::from_utf8_lossy(value.as_bytes())
                 ));
             }
             out.push('\n');

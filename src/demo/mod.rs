@@ -67,6 +67,8 @@ const PARTITIONS: i32 = 6;
 
 pub struct DemoOptions {
     pub events: usize,
+    /// A real broker instead of the in-process mock cluster.
+    pub brokers: Option<String>,
     pub exit: bool,
     pub listen: String,
 }
@@ -81,22 +83,49 @@ struct Tally {
 
 pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let total = options.events;
-    eprintln!("journey-actions demo: {total} events through the real worker (mock Kafka and mock providers in-process)");
+    let kafka = if options.brokers.is_some() {
+        "a real Kafka broker"
+    } else {
+        "in-process mock Kafka"
+    };
+    eprintln!("journey-actions demo: {total} events through the real worker ({kafka}, mock providers in-process)");
 
-    let cluster = MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
     let mut settings = Settings::default();
-    settings.kafka.brokers = cluster.bootstrap_servers();
     settings.kafka.group_id = "journey-actions-demo".into();
     settings.admin.listen = options.listen.clone();
-    for topic in [
-        &settings.kafka.input_topic,
-        &settings.kafka.results_topic,
-        &settings.kafka.dlq_topic,
-    ] {
-        cluster
-            .create_topic(topic, PARTITIONS, 1)
-            .with_context(|| format!("creating topic {topic}"))?;
-    }
+    let cluster = match &options.brokers {
+        None => {
+            let cluster =
+                MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
+            settings.kafka.brokers = cluster.bootstrap_servers();
+            for topic in [
+                &settings.kafka.input_topic,
+                &settings.kafka.results_topic,
+                &settings.kafka.dlq_topic,
+            ] {
+                cluster
+                    .create_topic(topic, PARTITIONS, 1)
+                    .with_context(|| format!("creating topic {topic}"))?;
+            }
+            Some(cluster)
+        }
+        Some(brokers) => {
+            // Fresh topics per run, so an earlier run's events are not mixed in.
+            let run = chrono::Utc::now().format("%Y%m%d%H%M%S");
+            settings.kafka.brokers = brokers.clone();
+            settings.kafka.group_id = format!("journey-actions-demo-{run}");
+            settings.kafka.input_topic = format!("journey.actions.demo-{run}");
+            settings.kafka.results_topic = format!("journey.actions.results.demo-{run}");
+            settings.kafka.dlq_topic = format!("journey.actions.dlq.demo-{run}");
+            let k = &settings.kafka;
+            create_topics(brokers, &[&k.input_topic, &k.results_topic, &k.dlq_topic]).await?;
+            eprintln!(
+                "  broker {brokers}: topics {}, {}, {}",
+                k.input_topic, k.results_topic, k.dlq_topic
+            );
+            None
+        }
+    };
 
     let provider_stop = CancellationToken::new();
     let provider = provider::start(provider_stop.clone()).await?;
@@ -349,6 +378,34 @@ pub fn sample_events(total: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
             (profile, value)
         })
         .collect()
+}
+
+/// Creates topics on a real broker (an existing topic is fine).
+pub async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .context("creating topics")?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+        }
+    }
+    Ok(())
 }
 
 async fn produce_events(brokers: &str, topic: &str, total: usize) -> anyhow::Result<()> {

@@ -426,9 +426,9 @@ impl Auth {
             }
             // Signing over an id the provider cannot be sent would deliver a
             // request nobody can verify: refuse it instead.
-            Auth::Hmac { .. } if HeaderValue::from_str(event_id).is_err() => {
-                Err(error("the event_id cannot be sent as the webhook-id header"))
-            }
+            Auth::Hmac { .. } if HeaderValue::from_str(event_id).is_err() => Err(error(
+                "the event_id cannot be sent as the webhook-id header",
+            )),
             other => {
                 other.apply_static(req, event_id);
                 Ok(None)
@@ -719,7 +719,7 @@ async fn send(req: reqwest::RequestBuilder, what: &str) -> Result<bytes::Bytes, 
     })?;
     if !status.is_success() {
         return Err(AuthError {
-            message: format!("{what} answered {} {}", status.as_u16(), String::from_utf8_lossy(&body)),
+            message: format!("{what} answered {}", status.as_u16()),
             class: AttemptClass::Status(status.as_u16()),
         });
     }

@@ -260,7 +260,7 @@ impl Dispatcher {
                 .await
                 .map_err(|e| Failure {
                     class: e.class,
-                    message: e.to_string(),
+                    message: def.mask(&e.to_string()),
                     before_call: true,
                 })?;
             let start = Instant::now();
