@@ -1352,7 +1352,7 @@ async fn redirects_are_followed_up_to_five() {
     let f = load(&[action(
         "redirected",
         &format!("{}/r0", server.uri()),
-        json!({}),
+        json!({ "endpoint": { "method": "GET" } }),
     )]);
 
     let outcome = f.dispatcher.execute(&event("redirected", json!({}))).await;
@@ -1378,7 +1378,7 @@ async fn more_than_five_redirects_is_error() {
     let f = load(&[action(
         "loops",
         &format!("{}/r0", server.uri()),
-        json!({ "retry": { "max_attempts": 1 } }),
+        json!({ "endpoint": { "method": "GET" }, "retry": { "max_attempts": 1 } }),
     )]);
 
     let outcome = f.dispatcher.execute(&event("loops", json!({}))).await;
@@ -1390,6 +1390,31 @@ async fn more_than_five_redirects_is_error() {
         .await
         .iter()
         .all(|r| r.url.path() != "/final"));
+}
+
+#[tokio::test]
+async fn a_302_on_a_post_is_final_not_a_silent_get() {
+    // Following it would turn the POST into a body-less GET and report `ok`
+    // for a payload that never arrived.
+    let server = MockServer::start().await;
+    redirect_chain(&server, 1).await;
+    Mock::given(path("/final"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let f = load(&[action(
+        "posted",
+        &format!("{}/r0", server.uri()),
+        json!({ "payload": { "a": "{{ profile_id }}" } }),
+    )]);
+
+    let outcome = f.dispatcher.execute(&event("posted", json!({}))).await;
+
+    assert_code(&outcome, OutcomeCode::Http(302));
+    let requests = received(&server).await;
+    assert_eq!(requests.len(), 1, "only the POST, no follow-up GET");
+    assert_eq!(requests[0].method.as_str(), "POST");
 }
 
 #[tokio::test]

@@ -296,6 +296,11 @@ fn field_of(path: &str, message: &str) -> String {
     }
 }
 
+fn method_of(text: &str) -> reqwest::Method {
+    reqwest::Method::from_bytes(text.to_ascii_uppercase().as_bytes())
+        .unwrap_or(reqwest::Method::POST)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -477,9 +482,12 @@ fn compile(
             identity_pem: identity,
             ca_pem: ca,
         };
-        client::build(Some(&material))
-            .map_err(|e| problems.push(("tls".into(), e)))
-            .ok()
+        client::build(
+            Some(&material),
+            client::Redirects::for_method(&method_of(&spec.endpoint.method)),
+        )
+        .map_err(|e| problems.push(("tls".into(), e)))
+        .ok()
     });
     match (request, auth) {
         (Some(request), Some(auth)) if problems.is_empty() => Ok(ActionDefinition {

@@ -88,7 +88,12 @@ pub struct DemoArgs {
 
 /// Runs the CLI and maps the result to an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    telemetry::init(cli.log_format, cli.verbose as i8 - cli.quiet as i8);
+    // The demo speaks through its summary; its logs start at warnings.
+    let quieter = matches!(cli.command, Command::Demo(_)) as i8;
+    telemetry::init(
+        cli.log_format,
+        cli.verbose as i8 - cli.quiet as i8 - quieter,
+    );
     let result = match &cli.command {
         Command::Run => run::run(&cli.config),
         Command::Demo(args) => demo::run(args),

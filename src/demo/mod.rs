@@ -7,6 +7,7 @@
 mod provider;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,8 @@ const SECRETS: &[(&str, &str)] = &[
 /// The demo raises the examples' rates so a run takes seconds, not minutes.
 const RATE_FACTOR: u32 = 10;
 const PARTITIONS: i32 = 6;
+/// The demo gives up when no event became final for this long.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct DemoOptions {
     pub events: usize,
@@ -165,6 +168,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         actions,
         ready: worker.ready_flag(),
     };
+    let ready = admin_state.ready.clone();
     let admin = match crate::admin::serve(&options.listen, admin_state.clone(), worker_stop.clone())
         .await
     {
@@ -175,23 +179,42 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         }
     };
     eprintln!("  metrics: http://{admin}/metrics");
-    let started = Instant::now();
     let worker_task = tokio::spawn(worker.run(worker_stop.clone()));
 
-    // Progress until every event is final.
+    // Progress until every event is final (the clock starts when the group is joined).
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let tty = std::io::stderr().is_terminal();
+    let mut started = Instant::now();
+    let mut joined = false;
+    let (mut last_done, mut last_progress, mut ticks) = (0usize, Instant::now(), 0u64);
+    let mut stalled = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
+        ticks += 1;
+        if !joined && ready.load(Ordering::Relaxed) {
+            joined = true;
+            started = Instant::now();
+        }
         let done = finished.load(Ordering::Relaxed) as usize;
-        let secs = started.elapsed().as_secs_f64();
-        eprint!(
-            "\r  {done}/{total} final · {:.0} events/s · in flight {}   ",
-            done as f64 / secs.max(0.001),
+        if done != last_done {
+            (last_done, last_progress) = (done, Instant::now());
+        } else if last_progress.elapsed() > STALL_LIMIT {
+            stalled = true;
+            break;
+        }
+        let line = format!(
+            "  {done}/{total} final · {:.0} events/s · in flight {}",
+            done as f64 / started.elapsed().as_secs_f64().max(0.001),
             metrics.in_flight.get()
         );
+        if tty {
+            eprint!("\r{line}   ");
+        } else if ticks % 4 == 0 || done >= total {
+            eprintln!("{line}");
+        }
         if done >= total {
             break;
         }
@@ -203,6 +226,14 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
         print_summary(&tally, total, elapsed);
     }
 
+    if stalled {
+        worker_stop.cancel();
+        let _ = worker_task.await;
+        anyhow::bail!(
+            "{} events are not final after {STALL_LIMIT:?} without progress",
+            total - last_done
+        );
+    }
     if !options.exit && !shutdown.is_cancelled() {
         eprintln!("metrics stay up at http://{admin}/metrics; Ctrl-C to stop");
         shutdown.cancelled().await;

@@ -30,10 +30,46 @@ impl std::fmt::Debug for TlsMaterial {
     }
 }
 
+/// Which redirects a client follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirects {
+    /// Any redirect, up to [`MAX_REDIRECTS`] (for GET).
+    All,
+    /// Only 307 and 308, which keep the method and the body. A 301/302/303
+    /// would turn a POST into a body-less GET and report success for a
+    /// payload that never arrived: it is returned as the final answer instead.
+    KeepingMethod,
+}
+
+impl Redirects {
+    pub fn for_method(method: &reqwest::Method) -> Redirects {
+        if method == reqwest::Method::GET {
+            Redirects::All
+        } else {
+            Redirects::KeepingMethod
+        }
+    }
+
+    fn policy(self) -> reqwest::redirect::Policy {
+        match self {
+            Redirects::All => reqwest::redirect::Policy::limited(MAX_REDIRECTS),
+            Redirects::KeepingMethod => reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() > MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if matches!(attempt.status().as_u16(), 307 | 308) {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }),
+        }
+    }
+}
+
 /// Builds a client; `tls` adds a client certificate and/or a private CA.
-pub fn build(tls: Option<&TlsMaterial>) -> Result<Client, String> {
+pub fn build(tls: Option<&TlsMaterial>, redirects: Redirects) -> Result<Client, String> {
     let mut builder = Client::builder()
-        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .redirect(redirects.policy())
         .pool_max_idle_per_host(1024)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)

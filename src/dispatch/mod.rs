@@ -80,13 +80,17 @@ struct Failure {
 pub struct Dispatcher {
     actions: Arc<ActionSet>,
     limits: HashMap<String, Arc<KeyLimits>>,
-    client: Client,
+    /// Shared clients: one following every redirect (GET), one only 307/308.
+    client_get: Client,
+    client_body: Client,
     options: DispatchOptions,
 }
 
 impl Dispatcher {
     pub fn new(actions: Arc<ActionSet>, options: DispatchOptions) -> anyhow::Result<Dispatcher> {
-        let client = client::build(None).map_err(anyhow::Error::msg)?;
+        let client_get = client::build(None, client::Redirects::All).map_err(anyhow::Error::msg)?;
+        let client_body =
+            client::build(None, client::Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
         let limits = actions
             .limits()
             .into_iter()
@@ -96,13 +100,25 @@ impl Dispatcher {
         Ok(Dispatcher {
             actions,
             limits,
-            client,
+            client_get,
+            client_body,
             options,
         })
     }
 
     pub fn actions(&self) -> &Arc<ActionSet> {
         &self.actions
+    }
+
+    fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
+        match (
+            &def.client,
+            client::Redirects::for_method(&def.request.method),
+        ) {
+            (Some(own), _) => own,
+            (None, client::Redirects::All) => &self.client_get,
+            (None, client::Redirects::KeepingMethod) => &self.client_body,
+        }
     }
 
     /// Looks up the action, checks the params and the expiry, and renders.
@@ -124,7 +140,7 @@ impl Dispatcher {
             Err(outcome) => return outcome,
         };
         let limits = self.limits.get(&def.limits_key);
-        let client = def.client.as_ref().unwrap_or(&self.client);
+        let client = self.client_for(&def);
         let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let deadline = event.deadline.map(|d| {
             let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -214,7 +230,7 @@ impl Dispatcher {
     /// The "send test request": one call, no retries and no limits.
     pub async fn send_once(&self, event: &ActionEvent) -> Result<Reply, Outcome> {
         let (def, request) = self.prepare(event)?;
-        let client = def.client.as_ref().unwrap_or(&self.client);
+        let client = self.client_for(&def);
         let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let mut outcome = Outcome::early(OutcomeCode::Ok, "");
         outcome.first_attempt_at = Some(Utc::now());

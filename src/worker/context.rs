@@ -126,8 +126,13 @@ impl ConsumerContext for WorkerContext {
             }
         }
         if list.count() > 0 {
+            let positions: Vec<(i32, i64)> = list
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+                .collect();
             match consumer.commit(&list, CommitMode::Sync) {
-                Ok(()) => tracing::info!(partitions = ?ids, "revoked; committed final offsets"),
+                Ok(()) => tracing::info!(?positions, "revoked; committed final offsets"),
                 Err(e) => {
                     tracing::warn!(partitions = ?ids, error = %e, "revoked; final commit failed")
                 }

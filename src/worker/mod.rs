@@ -219,6 +219,15 @@ impl Worker {
             }
         }
         let list = shared.commit_list(None);
+        {
+            let mut positions: Vec<(i32, Option<i64>)> = shared
+                .partitions()
+                .iter()
+                .map(|(p, s)| (*p, s.tracker.committable()))
+                .collect();
+            positions.sort();
+            tracing::info!(?positions, "final positions");
+        }
         let closing = consumer.clone();
         tokio::task::spawn_blocking(move || {
             if list.count() > 0 {
