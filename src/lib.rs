@@ -14,6 +14,7 @@
 
 pub mod action;
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod dispatch;

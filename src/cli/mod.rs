@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 ok, 1 a problem the user can fix, 2 usage (clap's own).
 
+mod bench;
 mod demo;
 mod render;
 mod run;
@@ -52,6 +53,16 @@ pub enum Command {
     Run,
     /// The embedded default: in-process Kafka (librdkafka mock cluster) and mock providers, the example actions, sample events through the real worker; prints a summary
     Demo(DemoArgs),
+    /// Measure throughput, latency, memory and CPU against this machine's HTTP and Kafka limits, in one run
+    Bench(BenchArgs),
+    /// The benchmark's HTTP sink (started by `bench` in a process of its own)
+    #[command(hide = true)]
+    BenchSink {
+        #[arg(long, default_value = "0ms")]
+        latency: String,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Load and check every action definition; print `FILE: FIELD: message` per problem (exit 1 if any)
     Validate,
     /// Print the exact HTTP request an event would produce (secrets shown as ***); sends nothing
@@ -68,6 +79,49 @@ pub struct ActionArgs {
     /// The action event, a JSON file (`-` for stdin). `event_id` and `profile_id` may be left out: test values are used
     #[arg(long, value_name = "FILE")]
     pub event: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Events per phase
+    #[arg(long, default_value_t = 10_000)]
+    pub events: usize,
+    /// The worker's max_in_flight, and the HTTP limit's concurrency
+    #[arg(long, default_value_t = 1024)]
+    pub concurrency: usize,
+    /// Which actions the events use
+    #[arg(long, value_enum, default_value = "simple")]
+    pub actions: crate::bench::Mix,
+    /// key | partition | none
+    #[arg(long, default_value = "key", value_parser = parse_ordering)]
+    pub ordering: crate::settings::Ordering,
+    /// Distinct Kafka keys (profiles); default: one per event
+    #[arg(long)]
+    pub keys: Option<usize>,
+    /// The sink's answer latency: 0ms, 5ms, or a range such as 1-20ms
+    #[arg(long, default_value = "0ms")]
+    pub sink_latency: String,
+    /// A real broker instead of the in-process mock cluster
+    #[arg(long, value_name = "HOST:PORT")]
+    pub brokers: Option<String>,
+    /// Produce the end-to-end events at this many per second (latency at a given load)
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Partitions of the bench topics
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Also write the figures as JSON
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_ordering(text: &str) -> Result<crate::settings::Ordering, String> {
+    match text {
+        "key" => Ok(crate::settings::Ordering::Key),
+        "partition" => Ok(crate::settings::Ordering::Partition),
+        "none" => Ok(crate::settings::Ordering::None),
+        other => Err(format!("`{other}` is not one of key, partition, none")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -88,8 +142,8 @@ pub struct DemoArgs {
 
 /// Runs the CLI and maps the result to an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    // The demo speaks through its summary; its logs start at warnings.
-    let quieter = matches!(cli.command, Command::Demo(_)) as i8;
+    // The demo and the benchmark speak through their summaries; their logs start at warnings.
+    let quieter = matches!(cli.command, Command::Demo(_) | Command::Bench(_)) as i8;
     telemetry::init(
         cli.log_format,
         cli.verbose as i8 - cli.quiet as i8 - quieter,
@@ -97,6 +151,12 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Run => run::run(&cli.config),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchSink { latency, threads } => latency
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .and_then(|l| crate::bench::sink::run_process(l, *threads))
+            .map(|()| ExitCode::SUCCESS),
         Command::Validate => validate::run(&cli.config),
         Command::Render(args) => render::run(&cli.config, args),
         Command::Send(args) => send::run(&cli.config, args),

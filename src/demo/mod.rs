@@ -276,6 +276,17 @@ fn print_summary(t: &Tally, total: usize, elapsed: Duration) {
 /// (`https://HOST/path` → `{base}/HOST/path`), each keeping its own limits
 /// key, with rates raised by [`RATE_FACTOR`].
 pub fn demo_actions(dir: &Path, base: &str) -> anyhow::Result<ActionSet> {
+    example_actions(dir, base, Some(RATE_FACTOR))
+}
+
+/// The embedded examples pointed at `base`. With `rate_factor` their rates
+/// are multiplied by it; without, every throttle and cap is removed (the
+/// benchmark measures the worker, not the examples' budgets).
+pub fn example_actions(
+    dir: &Path,
+    base: &str,
+    rate_factor: Option<u32>,
+) -> anyhow::Result<ActionSet> {
     let actions_dir = dir.join("actions");
     std::fs::create_dir_all(actions_dir.join("..").join("secrets"))?;
     std::fs::create_dir_all(&actions_dir)?;
@@ -308,13 +319,20 @@ pub fn demo_actions(dir: &Path, base: &str) -> anyhow::Result<ActionSet> {
         });
         if let Some(t) = throttle {
             t.entry("key").or_insert_with(|| json!(host));
+            let Some(factor) = rate_factor else {
+                t.retain(|k, _| k == "key");
+                spec.as_object_mut().map(|o| o.remove("cap"));
+                let file = actions_dir.join(name.replace(".yaml", ".json"));
+                std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;
+                continue;
+            };
             if let Some((count, per)) = t
                 .get("rate")
                 .and_then(Value::as_str)
                 .and_then(|r| r.split_once('/'))
             {
                 if let Ok(n) = count.parse::<u32>() {
-                    let raised = format!("{}/{per}", n * RATE_FACTOR);
+                    let raised = format!("{}/{per}", n * factor);
                     t.insert("rate".into(), json!(raised));
                 }
             }

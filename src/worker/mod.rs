@@ -38,6 +38,11 @@ use records::{Identity, Source};
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// Resume paused partitions once the events held fall to this share of the limit.
 const RESUME_AT: f64 = 0.75;
+/// How long the loop may stop reading while `max_in_flight` events are held
+/// before it pauses the partitions. Not reading is free (librdkafka's queue is
+/// bounded by `queued.max.messages.kbytes`) but also serves no rebalance;
+/// pausing purges that queue, so a resume has to fetch again.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Longest wait between two tries of a produce that failed.
 const MAX_PRODUCE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -185,6 +190,7 @@ impl Worker {
             in_flight: 0,
             max_in_flight,
             paused: false,
+            full_since: None,
         };
         let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -196,7 +202,10 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 Some(done) = done_rx.recv() => state.finished(done),
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
-                received = consumer.recv() => match received {
+                _ = tokio::time::sleep_until(state.full_since.unwrap_or_else(tokio::time::Instant::now) + PAUSE_AFTER),
+                    if state.full_since.is_some() && !state.paused => state.set_paused(true),
+                // Backpressure: at max_in_flight, stop reading (then pause, see PAUSE_AFTER).
+                received = consumer.recv(), if state.in_flight < state.max_in_flight || state.paused => match received {
                     Ok(message) => state.consumed(&message),
                     // Transient (fetch, transport): librdkafka recovers on its own.
                     Err(e) => tracing::warn!(error = %e, "consumer error"),
@@ -259,6 +268,8 @@ struct Loop {
     in_flight: usize,
     max_in_flight: usize,
     paused: bool,
+    /// Since when `max_in_flight` events are held (reading stopped).
+    full_since: Option<tokio::time::Instant>,
 }
 
 impl Loop {
@@ -310,9 +321,11 @@ impl Loop {
             },
             None => self.spawn(job),
         }
-        // Backpressure: stop fetching instead of holding more.
-        let reassigned = self.shared.assigned.swap(false, AtomicOrdering::Relaxed);
-        if self.in_flight >= self.max_in_flight && (!self.paused || reassigned) {
+        if self.in_flight >= self.max_in_flight && self.full_since.is_none() {
+            self.full_since = Some(tokio::time::Instant::now());
+        }
+        // A new assignment starts unpaused: pause it too while we are paused.
+        if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) && self.paused {
             self.set_paused(true);
         }
     }
@@ -344,8 +357,13 @@ impl Loop {
             }
         }
         self.jobs.metrics.in_flight.set(self.in_flight as i64);
-        if self.paused && (self.in_flight as f64) <= self.max_in_flight as f64 * RESUME_AT {
-            self.set_paused(false);
+        if self.paused {
+            if (self.in_flight as f64) <= self.max_in_flight as f64 * RESUME_AT {
+                self.set_paused(false);
+                self.full_since = None;
+            }
+        } else if self.in_flight < self.max_in_flight {
+            self.full_since = None;
         }
     }
 
@@ -518,7 +536,7 @@ async fn deliver(
     }
 }
 
-fn consumer_config(settings: &Settings) -> ClientConfig {
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
     let kafka = &settings.kafka;
     let mut config = ClientConfig::new();
     config
@@ -536,7 +554,7 @@ fn consumer_config(settings: &Settings) -> ClientConfig {
     config
 }
 
-fn producer_config(settings: &Settings) -> ClientConfig {
+pub fn producer_config(settings: &Settings) -> ClientConfig {
     let kafka = &settings.kafka;
     let mut config = ClientConfig::new();
     config

@@ -1,0 +1,636 @@
+//! `journey-actions bench`: the worker measured against the physical limits
+//! of the machine it runs on, in one run, on the same events:
+//!
+//! - limit A, HTTP: the sink driven by the worker's HTTP client settings at
+//!   the worker's concurrency, no Kafka;
+//! - limit B, Kafka: the events consumed with the worker's consumer settings,
+//!   no dispatch;
+//! - end-to-end: the real worker (render, limits, dispatch, result records,
+//!   commits) on the same events.
+//!
+//! The sink runs in a process of its own; the mock cluster (default) runs
+//! inside this one, so its CPU is counted with the worker's.
+
+pub mod sink;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use serde::Serialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::action::{self, ActionSet};
+use crate::dispatch::client::{self, Redirects};
+use crate::settings::{Ordering, Settings};
+use crate::telemetry::Metrics;
+use crate::worker::{Finished, Worker};
+use sink::{Latency, SinkProcess};
+
+/// Which actions the events use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mix {
+    /// One action: POST with a templated path, headers and a JSON payload (like the SMS example, no auth).
+    Simple,
+    /// The four shipped examples (bearer, OAuth2, custom auth, HMAC), limits removed, ~1 % invalid events.
+    Examples,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub events: usize,
+    pub concurrency: usize,
+    pub mix: Mix,
+    pub ordering: Ordering,
+    /// Distinct Kafka keys (profiles) over the events.
+    pub keys: usize,
+    pub sink_latency: Latency,
+    pub brokers: Option<String>,
+    /// Produce the end-to-end events at this rate instead of beforehand.
+    pub rate: Option<u32>,
+    pub partitions: i32,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_mib: u64,
+    pub cpu: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Limit {
+    pub count: usize,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndToEnd {
+    pub events: usize,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    /// end-to-end / min(limit A, limit B).
+    pub ratio: f64,
+    /// Consume to outcome records acknowledged, milliseconds.
+    pub latency_ms: Percentiles,
+    /// Latency minus the sink's own (its fixed or mean latency), milliseconds.
+    pub added_latency_ms: Percentiles,
+    pub peak_rss_mib: f64,
+    pub cpu_seconds_per_10k: f64,
+    pub outcomes: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub events: usize,
+    pub concurrency: usize,
+    pub mix: Mix,
+    pub ordering: String,
+    pub keys: usize,
+    pub partitions: i32,
+    pub sink_latency: String,
+    pub broker: String,
+    pub rate: Option<u32>,
+    pub limit_http: Limit,
+    pub limit_kafka: Limit,
+    pub end_to_end: EndToEnd,
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
+    let o = &options;
+    let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S%3f").to_string();
+    let mut settings = Settings::default();
+    settings.dispatch.max_in_flight = o.concurrency;
+    settings.dispatch.ordering = o.ordering;
+    settings.kafka.input_topic = format!("bench.input.{run_id}");
+    settings.kafka.results_topic = format!("bench.results.{run_id}");
+    settings.kafka.dlq_topic = format!("bench.dlq.{run_id}");
+    let rate_topic = format!("bench.rated.{run_id}");
+    let topics = [
+        &settings.kafka.input_topic,
+        &settings.kafka.results_topic,
+        &settings.kafka.dlq_topic,
+        &rate_topic,
+    ];
+    let _cluster = match &o.brokers {
+        None => {
+            let cluster =
+                MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
+            settings.kafka.brokers = cluster.bootstrap_servers();
+            for t in topics {
+                cluster.create_topic(t, o.partitions, 1)?;
+            }
+            Some(cluster)
+        }
+        Some(b) => {
+            settings.kafka.brokers = b.clone();
+            let names: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
+            crate::demo::create_topics(b, &names).await?;
+            None
+        }
+    };
+
+    let sink = SinkProcess::start(o.sink_latency).context("starting the HTTP sink process")?;
+    let workdir = tempfile::tempdir()?;
+    let base = format!("http://{}", sink.addr);
+    let (actions, events) = match o.mix {
+        Mix::Simple => (
+            simple_action(workdir.path(), &base)?,
+            simple_events(o.events, o.keys),
+        ),
+        Mix::Examples => {
+            let actions = crate::demo::example_actions(workdir.path(), &base, None)?;
+            (actions, crate::demo::sample_events(o.events, 7))
+        }
+    };
+    let actions = Arc::new(actions);
+    eprintln!(
+        "bench: {} events, concurrency {}, {:?} mix, ordering {:?}, {} keys, sink latency {} ({}), {}",
+        o.events,
+        o.concurrency,
+        o.mix,
+        o.ordering,
+        o.keys,
+        o.sink_latency,
+        sink.addr,
+        o.brokers.as_deref().map(|b| format!("broker {b}")).unwrap_or_else(|| "in-process mock cluster".into())
+    );
+    produce(
+        &settings.kafka.brokers,
+        &settings.kafka.input_topic,
+        &events,
+    )
+    .await?;
+
+    let limit_http = http_limit(&actions, &events, o.concurrency).await?;
+    eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
+    let limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
+    eprintln!(
+        "  limit B (Kafka): {:>10.0} events/s",
+        limit_kafka.per_second
+    );
+
+    let mut e2e_settings = settings.clone();
+    e2e_settings.kafka.group_id = format!("bench-e2e-{run_id}");
+    if o.rate.is_some() {
+        e2e_settings.kafka.input_topic = rate_topic.clone();
+    }
+    let end_to_end = end_to_end(
+        e2e_settings,
+        actions,
+        &events,
+        o,
+        limit_http.per_second.min(limit_kafka.per_second),
+    )
+    .await?;
+    eprintln!(
+        "  end-to-end:      {:>10.0} events/s  (ratio {:.2})",
+        end_to_end.events_per_second, end_to_end.ratio
+    );
+    drop(sink);
+
+    let report = Report {
+        machine: machine(),
+        events: o.events,
+        concurrency: o.concurrency,
+        mix: o.mix,
+        ordering: format!("{:?}", o.ordering).to_lowercase(),
+        keys: o.keys,
+        partitions: o.partitions,
+        sink_latency: o.sink_latency.to_string(),
+        broker: o.brokers.clone().unwrap_or_else(|| "mock".into()),
+        rate: o.rate,
+        limit_http,
+        limit_kafka,
+        end_to_end,
+    };
+    if let Some(path) = &o.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// The one action of the `simple` mix: the SMS example's shape without auth.
+fn simple_action(dir: &Path, base: &str) -> anyhow::Result<ActionSet> {
+    let actions = dir.join("actions");
+    std::fs::create_dir_all(&actions)?;
+    let def = json!({
+        "id": "bench_webhook",
+        "endpoint": {
+            "method": "POST",
+            "url": format!("{base}/v1/accounts/{{{{ params.account }}}}/messages"),
+            "query": { "locale": "{{ context.locale | default('en') }}" },
+            "headers": { "X-Api-Version": "2", "X-Journey": "{{ journey.id }}" },
+            "timeout": "10s"
+        },
+        "parameters": {
+            "account": { "type": "string", "required": true },
+            "phone": { "type": "string", "required": true },
+            "firstName": { "type": "string" },
+            "amount": { "type": "decimal" },
+            "tags": { "type": "list<string>" }
+        },
+        "payload": {
+            "to": "{{ params.phone }}",
+            "text": "Hello {{ params.firstName | default('there') }}!",
+            "amount": "{{ params.amount }}",
+            "tags": "{{ params.tags }}",
+            "source": "journey"
+        }
+    });
+    std::fs::write(
+        actions.join("bench_webhook.json"),
+        serde_json::to_vec_pretty(&def)?,
+    )?;
+    action::load_dir(&actions, dir).map_err(|p| anyhow::anyhow!("bench action: {}", p[0]))
+}
+
+fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
+    (0..total)
+        .map(|i| {
+            let key = format!("p-{}", i % keys.max(1));
+            let event = json!({
+                "event_id": format!("bench-{i:08}"), "action_id": "bench_webhook", "profile_id": key,
+                "journey": { "id": "welcome", "version": "3", "step_id": "send_sms" },
+                "params": { "account": "acme", "phone": format!("+3361{i:07}"), "firstName": "Zoë",
+                            "amount": 12.5, "tags": ["vip", "fr"] },
+                "context": { "locale": "fr" },
+                "emitted_at": "2026-11-23T12:00:00Z"
+            });
+            (key, serde_json::to_vec(&event).unwrap_or_default())
+        })
+        .collect()
+}
+
+async fn produce(brokers: &str, topic: &str, events: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let sends = events.iter().map(|(k, v)| {
+        producer.send(
+            FutureRecord::to(topic)
+                .key(k.as_str())
+                .payload(v.as_slice()),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| anyhow::anyhow!("producing bench events: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Limit A: the rendered requests sent with the worker's client settings at
+/// the worker's concurrency.
+async fn http_limit(
+    actions: &ActionSet,
+    events: &[(String, Vec<u8>)],
+    concurrency: usize,
+) -> anyhow::Result<Limit> {
+    let client = client::build(None, Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
+    let idempotency = reqwest::header::HeaderName::from_static("idempotency-key");
+    let requests: Vec<_> = events
+        .iter()
+        .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
+        .filter_map(|e| {
+            crate::dispatch::prepare(actions, &e, Some(&idempotency))
+                .ok()
+                .map(|(_, r)| r)
+        })
+        .collect();
+    anyhow::ensure!(!requests.is_empty(), "no event renders");
+    let requests = Arc::new(requests);
+    let next = Arc::new(AtomicUsize::new(0));
+    let total = events.len();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(total) {
+        let (client, requests, next) = (client.clone(), requests.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, AtomicOrdering::Relaxed);
+                if i >= total {
+                    return Ok::<(), reqwest::Error>(());
+                }
+                let req = crate::dispatch::to_request(&requests[i % requests.len()]);
+                let resp = client.execute(req).await?;
+                let _ = resp.bytes().await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(limit(total, started.elapsed()))
+}
+
+/// Limit B: the same events consumed with the worker's consumer settings.
+async fn kafka_limit(settings: &Settings, total: usize, run_id: &str) -> anyhow::Result<Limit> {
+    let mut s = settings.clone();
+    s.kafka.group_id = format!("bench-consume-{run_id}");
+    let consumer: StreamConsumer = crate::worker::consumer_config(&s).create()?;
+    consumer.subscribe(&[&s.kafka.input_topic])?;
+    let mut started = None;
+    let mut count = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "limit B: only {count} of {total} events consumed in 120 s"
+        );
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            continue;
+        };
+        started.get_or_insert_with(Instant::now);
+        // Copy as the worker does.
+        let _ = (
+            m.key().map(bytes::Bytes::copy_from_slice),
+            m.payload().map(bytes::Bytes::copy_from_slice),
+        );
+        count += 1;
+    }
+    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    Ok(limit(total, elapsed))
+}
+
+async fn end_to_end(
+    settings: Settings,
+    actions: Arc<ActionSet>,
+    events: &[(String, Vec<u8>)],
+    o: &BenchOptions,
+    limit: f64,
+) -> anyhow::Result<EndToEnd> {
+    let total = events.len();
+    let finished: Arc<Mutex<Vec<(Instant, Duration, String)>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let observer = {
+        let finished = finished.clone();
+        Arc::new(move |f: &Finished| {
+            if let Ok(mut v) = finished.lock() {
+                v.push((Instant::now(), f.latency, f.code.to_string()));
+            }
+        })
+    };
+    let metrics = Arc::new(Metrics::new());
+    let worker = Worker::new(settings.clone(), actions, metrics)?.with_observer(observer);
+    let ready = worker.ready_flag();
+    let stop = CancellationToken::new();
+    reset_peak_rss();
+    let cpu_before = cpu_seconds();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    if let Some(rate) = o.rate {
+        while !ready.load(AtomicOrdering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (brokers, topic, events) = (
+            settings.kafka.brokers.clone(),
+            settings.kafka.input_topic.clone(),
+            events.to_vec(),
+        );
+        tokio::spawn(produce_at_rate(brokers, topic, events, rate));
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = finished.lock().map(|v| v.len()).unwrap_or(0);
+        if done >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop.cancel();
+            anyhow::bail!("end-to-end: only {done} of {total} events final after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu = cpu_seconds() - cpu_before;
+    let peak_rss_mib = peak_rss_mib();
+    stop.cancel();
+    task.await??;
+
+    let finished = finished.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let first_consumed = finished
+        .iter()
+        .map(|(at, lat, _)| *at - *lat)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let last = finished
+        .iter()
+        .map(|(at, _, _)| *at)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let seconds = (last - first_consumed).as_secs_f64();
+    let mut latencies: Vec<f64> = finished
+        .iter()
+        .map(|(_, l, _)| l.as_secs_f64() * 1e3)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
+    let mut outcomes = BTreeMap::new();
+    for (_, _, code) in finished.iter() {
+        *outcomes.entry(code.clone()).or_default() += 1;
+    }
+    let latency_ms = percentiles(&latencies, 0.0);
+    let added_latency_ms = percentiles(&latencies, sink_ms);
+    let per_second = total as f64 / seconds.max(1e-9);
+    Ok(EndToEnd {
+        events: total,
+        seconds,
+        events_per_second: per_second,
+        ratio: per_second / limit.max(1e-9),
+        latency_ms,
+        added_latency_ms,
+        peak_rss_mib,
+        cpu_seconds_per_10k: cpu / total as f64 * 10_000.0,
+        outcomes,
+    })
+}
+
+async fn produce_at_rate(
+    brokers: String,
+    topic: String,
+    events: Vec<(String, Vec<u8>)>,
+    rate: u32,
+) {
+    let Ok(producer) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "0")
+        .create::<FutureProducer>()
+    else {
+        return;
+    };
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while sent < events.len() {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(events.len());
+        while sent < due {
+            let (k, v) = &events[sent];
+            let record = FutureRecord::to(&topic)
+                .key(k.as_str())
+                .payload(v.as_slice());
+            if let Err((e, _)) = producer.send_result(record) {
+                tracing::warn!(error = %e, "rate producer");
+                break;
+            }
+            sent += 1;
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
+    })
+    .await;
+}
+
+fn limit(count: usize, elapsed: Duration) -> Limit {
+    let seconds = elapsed.as_secs_f64();
+    Limit {
+        count,
+        seconds,
+        per_second: count as f64 / seconds.max(1e-9),
+    }
+}
+
+fn percentiles(sorted_ms: &[f64], minus: f64) -> Percentiles {
+    let at = |p: f64| {
+        let i = ((sorted_ms.len() as f64 * p).ceil() as usize)
+            .saturating_sub(1)
+            .min(sorted_ms.len().saturating_sub(1));
+        (sorted_ms.get(i).copied().unwrap_or(0.0) - minus).max(0.0)
+    };
+    Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: at(1.0),
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Resets the kernel's peak-RSS mark so the next reading covers one phase.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024;
+    Machine {
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_mib,
+        cpu,
+    }
+}
+
+/// The report as the table `bench` prints.
+pub fn table(r: &Report) -> String {
+    let e = &r.end_to_end;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "journey-actions bench on {} cores / {} MiB ({}), broker: {}\n",
+        r.machine.cores, r.machine.memory_mib, r.machine.cpu, r.broker
+    ));
+    out.push_str(&format!(
+        "{} events, {} mix, concurrency {}, ordering {}, {} keys, {} partitions, sink latency {}{}\n\n",
+        r.events,
+        format!("{:?}", r.mix).to_lowercase(),
+        r.concurrency,
+        r.ordering,
+        r.keys,
+        r.partitions,
+        r.sink_latency,
+        r.rate.map(|x| format!(", produced at {x}/s")).unwrap_or_default()
+    ));
+    out.push_str(&format!("{:<28}{:>14}\n", "phase", "per second"));
+    out.push_str(&format!(
+        "{:<28}{:>14.0}\n",
+        "limit A: HTTP to the sink", r.limit_http.per_second
+    ));
+    out.push_str(&format!(
+        "{:<28}{:>14.0}\n",
+        "limit B: Kafka consume", r.limit_kafka.per_second
+    ));
+    out.push_str(&format!(
+        "{:<28}{:>14.0}\n",
+        "end-to-end worker", e.events_per_second
+    ));
+    out.push_str(&format!("\nratio end-to-end / min(A, B): {:.2}\n", e.ratio));
+    out.push_str(&format!(
+        "event latency (consume → records acked): p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
+        e.latency_ms.p50, e.latency_ms.p99, e.latency_ms.p999, e.latency_ms.max
+    ));
+    out.push_str(&format!(
+        "added over the sink's own latency:        p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms\n",
+        e.added_latency_ms.p50, e.added_latency_ms.p99, e.added_latency_ms.p999
+    ));
+    out.push_str(&format!(
+        "peak RSS {:.1} MiB   CPU {:.2} s per 10 000 events   outcomes {:?}\n",
+        e.peak_rss_mib, e.cpu_seconds_per_10k, e.outcomes
+    ));
+    out
+}
