@@ -31,7 +31,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// The worker as `journey-actions run` starts it: loads the actions named by
-/// `settings`, serves the admin port, and consumes until `shutdown`.
+/// `settings`, serves the admin port, reloads the actions on SIGHUP or when
+/// their files change, and consumes until `shutdown`.
 pub async fn run(
     settings: settings::Settings,
     config_dir: &Path,
@@ -42,14 +43,20 @@ pub async fn run(
         anyhow::anyhow!("invalid action definitions:\n{}", lines.join("\n"))
     })?;
     tracing::info!(actions = actions.len(), dir = %settings.actions.dir.display(), "actions loaded");
-    let actions = Arc::new(actions);
     let metrics = Arc::new(telemetry::Metrics::new());
-    let worker = worker::Worker::new(settings.clone(), actions.clone(), metrics.clone())?;
+    let worker = worker::Worker::new(settings.clone(), Arc::new(actions), metrics.clone())?;
     let admin = admin::AdminState {
-        metrics,
-        actions,
+        metrics: metrics.clone(),
+        dispatcher: worker.dispatcher().clone(),
         ready: worker.ready_flag(),
     };
     admin::serve(&settings.admin.listen, admin, shutdown.clone()).await?;
+    tokio::spawn(action::reload::watch(
+        settings.actions.dir.clone(),
+        config_dir.to_path_buf(),
+        worker.dispatcher().clone(),
+        metrics,
+        shutdown.clone(),
+    ));
     worker.run(shutdown).await
 }

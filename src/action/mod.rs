@@ -5,6 +5,7 @@
 //! valid; otherwise every problem found is returned as `FILE: FIELD: message`.
 
 pub mod params;
+pub mod reload;
 pub mod secret;
 pub mod spec;
 

@@ -11,13 +11,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use crate::action::ActionSet;
+use crate::dispatch::Dispatcher;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub actions: Arc<ActionSet>,
+    /// Holds the current action set (it changes on reload).
+    pub dispatcher: Arc<Dispatcher>,
     /// Set once the consumer has joined its group.
     pub ready: Arc<AtomicBool>,
 }
@@ -72,8 +73,8 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn actions(State(state): State<AdminState>) -> impl IntoResponse {
-    let list: Vec<_> = state
-        .actions
+    let actions = state.dispatcher.actions();
+    let list: Vec<_> = actions
         .iter()
         .map(|a| serde_json::json!({ "id": a.id, "file": a.file.display().to_string(), "hash": a.hash }))
         .collect();

@@ -165,7 +165,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let worker_stop = CancellationToken::new();
     let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
-        actions,
+        dispatcher: worker.dispatcher().clone(),
         ready: worker.ready_flag(),
     };
     let ready = admin_state.ready.clone();

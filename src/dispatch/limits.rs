@@ -73,6 +73,8 @@ impl LimitSpec {
 /// The live limits of one key.
 pub struct KeyLimits {
     pub key: String,
+    /// What these limits were built from.
+    pub spec: LimitSpec,
     rate: Option<DefaultDirectRateLimiter>,
     bulkhead: Option<Arc<Semaphore>>,
     cap: Option<Mutex<CapWindow>>,
@@ -95,6 +97,7 @@ impl KeyLimits {
         });
         KeyLimits {
             key,
+            spec: *spec,
             rate,
             bulkhead: spec
                 .max_concurrency

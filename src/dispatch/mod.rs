@@ -12,6 +12,8 @@ pub mod outcome;
 pub mod retry;
 
 use std::collections::HashMap;
+
+use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,10 +78,36 @@ struct Failure {
     before_call: bool,
 }
 
-/// Executes action events against providers.
-pub struct Dispatcher {
+/// The loaded actions and the live limits of their keys, swapped as one.
+struct Catalog {
     actions: Arc<ActionSet>,
     limits: HashMap<String, Arc<KeyLimits>>,
+}
+
+impl Catalog {
+    /// Builds the limits of `actions`, keeping the live state (rate, cap
+    /// window, bulkhead) of every key whose limits did not change.
+    fn new(actions: Arc<ActionSet>, previous: Option<&Catalog>) -> Catalog {
+        let limits = actions
+            .limits()
+            .into_iter()
+            .filter(|(_, spec)| !spec.is_empty())
+            .map(|(key, spec)| {
+                let kept = previous
+                    .and_then(|p| p.limits.get(&key))
+                    .filter(|l| l.spec == spec)
+                    .cloned();
+                let limits = kept.unwrap_or_else(|| Arc::new(KeyLimits::new(key.clone(), &spec)));
+                (key, limits)
+            })
+            .collect();
+        Catalog { actions, limits }
+    }
+}
+
+/// Executes action events against providers.
+pub struct Dispatcher {
+    catalog: ArcSwap<Catalog>,
     /// Shared clients: one following every redirect (GET), one only 307/308.
     client_get: Client,
     client_body: Client,
@@ -91,23 +119,25 @@ impl Dispatcher {
         let client_get = client::build(None, client::Redirects::All).map_err(anyhow::Error::msg)?;
         let client_body =
             client::build(None, client::Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
-        let limits = actions
-            .limits()
-            .into_iter()
-            .filter(|(_, spec)| !spec.is_empty())
-            .map(|(key, spec)| (key.clone(), Arc::new(KeyLimits::new(key, &spec))))
-            .collect();
         Ok(Dispatcher {
-            actions,
-            limits,
+            catalog: ArcSwap::from_pointee(Catalog::new(actions, None)),
             client_get,
             client_body,
             options,
         })
     }
 
-    pub fn actions(&self) -> &Arc<ActionSet> {
-        &self.actions
+    /// The current action set.
+    pub fn actions(&self) -> Arc<ActionSet> {
+        self.catalog.load().actions.clone()
+    }
+
+    /// Swaps in a new, fully valid action set. Events already running keep
+    /// the definition they started with.
+    pub fn reload(&self, actions: Arc<ActionSet>) {
+        let current = self.catalog.load_full();
+        self.catalog
+            .store(Arc::new(Catalog::new(actions, Some(&current))));
     }
 
     fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
@@ -127,7 +157,7 @@ impl Dispatcher {
         event: &ActionEvent,
     ) -> Result<(Arc<ActionDefinition>, RenderedRequest), Outcome> {
         prepare(
-            &self.actions,
+            &self.catalog.load().actions,
             event,
             self.options.idempotency_header.as_ref(),
         )
@@ -139,7 +169,8 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(outcome) => return outcome,
         };
-        let limits = self.limits.get(&def.limits_key);
+        let limits = self.catalog.load().limits.get(&def.limits_key).cloned();
+        let limits = limits.as_deref();
         let client = self.client_for(&def);
         let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let deadline = event.deadline.map(|d| {
