@@ -560,7 +560,11 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // An event's offset waits for its records' acks, so linger is added
+        // to every event's latency: 1 ms keeps batching under load (5 ms gave
+        // ~25 % more events/s at 0 ms sink latency but +5 ms on every event;
+        // see BENCHMARKS.md). `[kafka.producer]` can change it.
+        .set("linger.ms", "1")
         .set("message.timeout.ms", "30000");
     for (k, v) in &kafka.producer {
         config.set(k, v);
