@@ -207,6 +207,17 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  end-to-end:      {:>10.0} events/s  (ratio {:.2})",
         end_to_end.events_per_second, end_to_end.ratio
     );
+    // The simple mix has no invalid event and a sink that always answers 200:
+    // anything but `ok` for every event is a fault, not a figure.
+    if o.mix == Mix::Simple {
+        let ok = end_to_end.outcomes.get("ok").copied().unwrap_or(0);
+        anyhow::ensure!(
+            ok == o.events,
+            "end-to-end: {ok} of {} events ok; outcomes {:?}",
+            o.events,
+            end_to_end.outcomes
+        );
+    }
     drop(sink);
 
     let report = Report {
