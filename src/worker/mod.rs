@@ -547,7 +547,11 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
         // Bound what librdkafka prefetches while we are paused or busy.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // Records arrive in smaller, steadier batches: a 500 ms default let a
+        // burst of up to max_in_flight events start at once (bench, 2000/s:
+        // p50 19.7 -> 2.2 ms). Idle cost: ~100 empty fetches/s per broker.
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in &kafka.consumer {
         config.set(k, v);
     }
