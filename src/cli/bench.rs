@@ -16,6 +16,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         brokers: args.brokers.clone(),
         rate: args.rate,
         partitions: args.partitions.max(1),
+        bulkhead: args.max_concurrency,
         json: args.json.clone(),
     };
     anyhow::ensure!(options.events > 0, "--events must be at least 1");

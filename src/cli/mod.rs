@@ -107,6 +107,9 @@ pub struct BenchArgs {
     /// Produce the end-to-end events at this many per second (latency at a given load)
     #[arg(long)]
     pub rate: Option<u32>,
+    /// Give the simple action `throttle.max_concurrency: N` (events beyond N wait without a connection)
+    #[arg(long, value_name = "N")]
+    pub max_concurrency: Option<u32>,
     /// Partitions of the bench topics
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
