@@ -179,7 +179,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         sink.addr,
         o.brokers.as_deref().map(|b| format!("broker {b}")).unwrap_or_else(|| "in-process mock cluster".into())
     );
-    produce(
+    crate::demo::produce(
         &settings.kafka.brokers,
         &settings.kafka.input_topic,
         &events,
@@ -296,26 +296,6 @@ fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
             (key, serde_json::to_vec(&event).unwrap_or_default())
         })
         .collect()
-}
-
-async fn produce(brokers: &str, topic: &str, events: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let sends = events.iter().map(|(k, v)| {
-        producer.send(
-            FutureRecord::to(topic)
-                .key(k.as_str())
-                .payload(v.as_slice()),
-            Duration::from_secs(30),
-        )
-    });
-    for r in futures::future::join_all(sends).await {
-        r.map_err(|(e, _)| anyhow::anyhow!("producing bench events: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Limit A: the rendered requests sent with the worker's client settings at

@@ -143,7 +143,16 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             .join(", ")
     );
 
-    produce_events(&settings.kafka.brokers, &settings.kafka.input_topic, total).await?;
+    produce(
+        &settings.kafka.brokers,
+        &settings.kafka.input_topic,
+        &sample_events(total, 42),
+    )
+    .await?;
+    eprintln!(
+        "  produced {total} events to {}",
+        settings.kafka.input_topic
+    );
 
     let metrics = Arc::new(Metrics::new());
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -457,14 +466,19 @@ pub async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn produce_events(brokers: &str, topic: &str, total: usize) -> anyhow::Result<()> {
+/// Produces keyed records and waits until the broker has them all.
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
         .create()
-        .context("creating the demo producer")?;
-    let events = sample_events(total, 42);
-    let sends = events.iter().map(|(key, value)| {
+        .context("creating a producer")?;
+    let sends = records.iter().map(|(key, value)| {
         producer.send(
             FutureRecord::to(topic)
                 .key(key.as_str())
@@ -473,8 +487,7 @@ async fn produce_events(brokers: &str, topic: &str, total: usize) -> anyhow::Res
         )
     });
     for result in futures::future::join_all(sends).await {
-        result.map_err(|(e, _)| anyhow::anyhow!("producing sample events: {e}"))?;
+        result.map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
     }
-    eprintln!("  produced {total} events to {topic}");
     Ok(())
 }
