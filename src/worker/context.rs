@@ -57,14 +57,16 @@ impl Shared {
     }
 
     /// The positions that moved since the last commit, marked as committed.
-    pub fn commit_list(&self, only: Option<&[i32]>) -> TopicPartitionList {
+    /// A final commit (`all`) lists every position: the result of an earlier
+    /// asynchronous commit may not have been reported yet.
+    pub fn commit_list(&self, only: Option<&[i32]>, all: bool) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();
         for (&partition, state) in self.partitions().iter_mut() {
             if only.is_some_and(|o| !o.contains(&partition)) {
                 continue;
             }
             if let Some(position) = state.tracker.committable() {
-                if state.committed != Some(position) {
+                if all || state.committed != Some(position) {
                     let _ =
                         list.add_partition_offset(&self.topic, partition, Offset::Offset(position));
                     state.committed = Some(position);
@@ -111,7 +113,7 @@ impl ConsumerContext for WorkerContext {
         // Commit what is final, then forget the partitions: work that finishes
         // after this point is never committed by this worker.
         let ids: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
-        let list = self.shared.commit_list(Some(&ids));
+        let list = self.shared.commit_list(Some(&ids), true);
         {
             let mut partitions = self.shared.partitions();
             for id in &ids {

@@ -227,7 +227,7 @@ impl Worker {
                 }
             }
         }
-        let list = shared.commit_list(None);
+        let list = shared.commit_list(None, true);
         {
             let mut positions: Vec<(i32, Option<i64>)> = shared
                 .partitions()
@@ -390,7 +390,7 @@ impl Loop {
     }
 
     fn commit(&self, mode: CommitMode) {
-        let list = self.shared.commit_list(None);
+        let list = self.shared.commit_list(None, false);
         if list.count() > 0 {
             if let Err(e) = self.consumer.commit(&list, mode) {
                 tracing::warn!(error = %e, "offset commit failed");
