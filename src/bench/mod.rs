@@ -76,6 +76,8 @@ pub struct Limit {
     pub count: usize,
     pub seconds: f64,
     pub per_second: f64,
+    /// CPU of this process (not the sink's) per 10 000 operations.
+    pub cpu_seconds_per_10k: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -198,7 +200,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
     );
-    let limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
+    let cpu = cpu_seconds();
+    let mut limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
+    limit_kafka.cpu_seconds_per_10k = (cpu_seconds() - cpu) / o.events as f64 * 10_000.0;
     eprintln!(
         "  limit B (Kafka): {:>10.0} events/s",
         limit_kafka.per_second
@@ -320,6 +324,7 @@ async fn http_limit(
     let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
     let total = events.len();
+    let cpu = cpu_seconds();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(total) {
@@ -339,7 +344,9 @@ async fn http_limit(
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    Ok(limit(total, started.elapsed()))
+    let mut measured = limit(total, started.elapsed());
+    measured.cpu_seconds_per_10k = (cpu_seconds() - cpu) / total as f64 * 10_000.0;
+    Ok(measured)
 }
 
 /// Limit B: the same events consumed with the worker's consumer settings.
@@ -504,6 +511,7 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
         count,
         seconds,
         per_second: count as f64 / seconds.max(1e-9),
+        cpu_seconds_per_10k: 0.0,
     }
 }
 
@@ -601,19 +609,29 @@ pub fn table(r: &Report) -> String {
         r.rate.map(|x| format!(", produced at {x}/s")).unwrap_or_default()
             + &r.bulkhead.map(|b| format!(", throttle.max_concurrency {b}")).unwrap_or_default()
     ));
-    out.push_str(&format!("{:<28}{:>14}\n", "phase", "per second"));
     out.push_str(&format!(
-        "{:<28}{:>14.0}\n",
-        "limit A: HTTP to the sink", r.limit_http.per_second
+        "{:<28}{:>14}{:>18}\n",
+        "phase", "per second", "CPU s per 10k"
     ));
-    out.push_str(&format!(
-        "{:<28}{:>14.0}\n",
-        "limit B: Kafka consume", r.limit_kafka.per_second
-    ));
-    out.push_str(&format!(
-        "{:<28}{:>14.0}\n",
-        "end-to-end worker", e.events_per_second
-    ));
+    for (name, rate, cpu) in [
+        (
+            "limit A: HTTP to the sink",
+            r.limit_http.per_second,
+            r.limit_http.cpu_seconds_per_10k,
+        ),
+        (
+            "limit B: Kafka consume",
+            r.limit_kafka.per_second,
+            r.limit_kafka.cpu_seconds_per_10k,
+        ),
+        (
+            "end-to-end worker",
+            e.events_per_second,
+            e.cpu_seconds_per_10k,
+        ),
+    ] {
+        out.push_str(&format!("{name:<28}{rate:>14.0}{cpu:>18.2}\n"));
+    }
     out.push_str(&format!("\nratio end-to-end / min(A, B): {:.2}\n", e.ratio));
     out.push_str(&format!(
         "event latency (consume → records acked): p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
