@@ -491,7 +491,9 @@ async fn process(ctx: &JobContext, record: &Record) {
                 .inc();
         }
     };
-    tokio::join!(result, dead_letter);
+    // Boxed: the produce futures are large and only live after the outcome,
+    // so events still waiting (for a permit, a backoff) do not carry them.
+    Box::pin(async { tokio::join!(result, dead_letter) }).await;
 
     if let Some(observer) = &ctx.observer {
         observer(&Finished {
