@@ -40,12 +40,6 @@ pub enum Leaf {
     Text(String),
 }
 
-impl Leaf {
-    pub fn is_const(&self) -> bool {
-        matches!(self, Leaf::Const(_))
-    }
-}
-
 /// A template that did not compile, with its position inside the leaf.
 #[derive(Debug)]
 pub struct SyntaxError {
