@@ -3,12 +3,14 @@
 //! a process of its own (`journey-actions bench-sink`, hidden) so its CPU is
 //! not counted as the worker's.
 
+use std::collections::BinaryHeap;
 use std::convert::Infallible;
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -84,6 +86,7 @@ pub fn run_process(latency: Latency, threads: usize) -> anyhow::Result<()> {
         .worker_threads(threads.max(1))
         .enable_all()
         .build()?;
+    let timer = Timer::start();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listening {}", listener.local_addr()?);
@@ -95,9 +98,11 @@ pub fn run_process(latency: Latency, threads: usize) -> anyhow::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
+            let timer = timer.clone();
             tokio::spawn(async move {
-                let service =
-                    service_fn(move |req: Request<hyper::body::Incoming>| answer(req, latency));
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    answer(req, latency, timer.clone())
+                });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -109,18 +114,91 @@ pub fn run_process(latency: Latency, threads: usize) -> anyhow::Result<()> {
 async fn answer(
     req: Request<hyper::body::Incoming>,
     latency: Latency,
+    timer: Timer,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
     let token = req.uri().path().ends_with("/token");
     let _ = req.into_body().collect().await;
     let wait = latency.sample();
     if !wait.is_zero() {
-        tokio::time::sleep(wait).await;
+        timer.sleep_until(arrived + wait).await;
     }
     let body = if token { TOKEN_BODY } else { OK_BODY };
     Ok(Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap_or_default())
+}
+
+/// Wakes waiters at their deadline to within the kernel's timer slack
+/// (~50 µs). tokio's timer wheel has 1 ms ticks and rounds every sleep up to
+/// the next one, so a `5ms` sink answered in 5.5–6.3 ms and that surplus was
+/// counted as the worker's added latency.
+#[derive(Clone)]
+struct Timer(Arc<(Mutex<BinaryHeap<Waiter>>, Condvar)>);
+
+struct Waiter {
+    at: Instant,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    /// Reversed: the heap's top is the earliest deadline.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
+impl Timer {
+    fn start() -> Timer {
+        let timer = Timer(Arc::new((Mutex::new(BinaryHeap::new()), Condvar::new())));
+        let shared = timer.0.clone();
+        std::thread::spawn(move || {
+            let (heap, changed) = &*shared;
+            let mut waiting = heap.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let now = Instant::now();
+                while waiting.peek().is_some_and(|w| w.at <= now) {
+                    if let Some(due) = waiting.pop() {
+                        let _ = due.wake.send(());
+                    }
+                }
+                waiting = match waiting.peek().map(|w| w.at - now) {
+                    Some(left) => changed
+                        .wait_timeout(waiting, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0),
+                    None => changed.wait(waiting).unwrap_or_else(|e| e.into_inner()),
+                };
+            }
+        });
+        timer
+    }
+
+    async fn sleep_until(&self, at: Instant) {
+        let (wake, woken) = tokio::sync::oneshot::channel();
+        {
+            let (heap, changed) = &*self.0;
+            let mut waiting = heap.lock().unwrap_or_else(|e| e.into_inner());
+            let earliest = waiting.peek().is_none_or(|w| at < w.at);
+            waiting.push(Waiter { at, wake });
+            if earliest {
+                changed.notify_one();
+            }
+        }
+        let _ = woken.await;
+    }
 }
 
 /// A sink process; killed when dropped.

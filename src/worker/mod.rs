@@ -3,10 +3,13 @@
 //! records, and commit offsets only below what is final.
 //!
 //! One task owns the consumer and the per-key queues (the consume loop);
-//! each event runs in a task of its own, at most `max_in_flight` at a time,
-//! and reports back on a channel. Offsets are tracked per partition and the
-//! committed position never passes an event whose records are not
-//! acknowledged by the broker.
+//! each event runs in a task of its own and reports back on a channel twice:
+//! when it has its outcome (its `max_in_flight` slot is free and the next
+//! event of its key may start) and when its records are acknowledged (its
+//! offset may be committed). At most `max_in_flight` events are before their
+//! outcome and at most `max_in_flight` more wait for acknowledgements.
+//! Offsets are tracked per partition and the committed position never passes
+//! an event whose records are not acknowledged by the broker.
 
 pub mod context;
 pub mod offsets;
@@ -22,7 +25,7 @@ use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -80,14 +83,19 @@ struct Job {
     chain: Option<ChainKey>,
 }
 
-/// A job's report to the consume loop.
-struct Done {
-    partition: i32,
-    offset: i64,
-    epoch: u64,
-    chain: Option<ChainKey>,
-    /// The outcome's records are acknowledged (false: abandoned).
-    completed: bool,
+/// A job's reports to the consume loop: `Outcome`, then `Final`.
+enum Report {
+    /// The event has its outcome, or was abandoned before one: its slot is
+    /// free and the next event of its key may start.
+    Outcome { chain: Option<ChainKey> },
+    /// Its records are acknowledged, or it was abandoned.
+    Final {
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        /// The outcome's records are acknowledged (false: abandoned).
+        completed: bool,
+    },
 }
 
 /// What every job needs, shared.
@@ -99,7 +107,7 @@ struct JobContext {
     dlq_topic: String,
     metrics: Arc<Metrics>,
     observer: Option<Observer>,
-    done: mpsc::Sender<Done>,
+    reports: mpsc::Sender<Report>,
 }
 
 /// The worker: build it, then [`Worker::run`] it until shutdown.
@@ -168,9 +176,10 @@ impl Worker {
             .context("creating the Kafka producer")?;
 
         let max_in_flight = dispatch.max_in_flight;
-        // Every job sends exactly one report and at most max_in_flight (plus
-        // the few records that arrive while pausing) run at once.
-        let (done_tx, mut done_rx) = mpsc::channel::<Done>(max_in_flight + 64);
+        // Every job sends two reports; at most max_in_flight jobs are before
+        // their outcome and max_in_flight after it (plus the few records that
+        // arrive while pausing).
+        let (report_tx, mut reports) = mpsc::channel::<Report>(2 * max_in_flight + 64);
         let jobs = Arc::new(JobContext {
             dispatcher: self.dispatcher.clone(),
             producer: producer.clone(),
@@ -179,7 +188,7 @@ impl Worker {
             dlq_topic: kafka.dlq_topic.clone(),
             metrics: self.metrics.clone(),
             observer: self.observer.clone(),
-            done: done_tx,
+            reports: report_tx,
         });
         let mut state = Loop {
             consumer: consumer.clone(),
@@ -188,6 +197,7 @@ impl Worker {
             ordering: dispatch.ordering,
             chains: HashMap::new(),
             in_flight: 0,
+            delivering: 0,
             max_in_flight,
             paused: false,
             full_since: None,
@@ -200,12 +210,12 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(done) = done_rx.recv() => state.finished(done),
+                Some(report) = reports.recv() => state.report(report),
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
                 _ = tokio::time::sleep_until(state.full_since.unwrap_or_else(tokio::time::Instant::now) + PAUSE_AFTER),
                     if state.full_since.is_some() && !state.paused => state.set_paused(true),
                 // Backpressure: at max_in_flight, stop reading (then pause, see PAUSE_AFTER).
-                received = consumer.recv(), if state.in_flight < state.max_in_flight || state.paused => match received {
+                received = consumer.recv(), if !state.full() || state.paused => match received {
                     Ok(message) => state.consumed(&message),
                     // Transient (fetch, transport): librdkafka recovers on its own.
                     Err(e) => tracing::warn!(error = %e, "consumer error"),
@@ -214,14 +224,14 @@ impl Worker {
         }
 
         // Shutdown: no more fetching; let what is held finish, up to the grace period.
-        tracing::info!(in_flight = state.in_flight, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
+        tracing::info!(in_flight = state.in_flight, delivering = state.delivering, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
         let deadline = tokio::time::Instant::now() + dispatch.shutdown_grace;
-        while state.in_flight > 0 {
+        while state.in_flight + state.delivering > 0 {
             tokio::select! {
-                Some(done) = done_rx.recv() => state.finished(done),
+                Some(report) = reports.recv() => state.report(report),
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
                 _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(abandoned = state.in_flight, "shutdown grace over: abandoning the rest (redelivered to the next owner)");
+                    tracing::warn!(abandoned = state.in_flight + state.delivering, "shutdown grace over: abandoning the rest (redelivered to the next owner)");
                     shared.abandon_all();
                     break;
                 }
@@ -265,10 +275,13 @@ struct Loop {
     ordering: Ordering,
     /// Keys with an event running; the queue holds the ones waiting behind it.
     chains: HashMap<ChainKey, VecDeque<Job>>,
+    /// Events consumed and without an outcome yet.
     in_flight: usize,
+    /// Events with an outcome whose records are not acknowledged yet.
+    delivering: usize,
     max_in_flight: usize,
     paused: bool,
-    /// Since when `max_in_flight` events are held (reading stopped).
+    /// Since when the loop is [`Loop::full`] (reading stopped).
     full_since: Option<tokio::time::Instant>,
 }
 
@@ -321,7 +334,7 @@ impl Loop {
             },
             None => self.spawn(job),
         }
-        if self.in_flight >= self.max_in_flight && self.full_since.is_none() {
+        if self.full() && self.full_since.is_none() {
             self.full_since = Some(tokio::time::Instant::now());
         }
         // A new assignment starts unpaused: pause it too while we are paused.
@@ -330,40 +343,65 @@ impl Loop {
         }
     }
 
-    fn finished(&mut self, done: Done) {
-        self.in_flight -= 1;
-        if done.completed {
-            let mut partitions = self.shared.partitions();
-            if let Some(p) = partitions.get_mut(&done.partition) {
-                if p.epoch == done.epoch {
-                    p.tracker.finished(done.offset);
+    /// No reading while `max_in_flight` events are before their outcome,
+    /// or as many wait for their records' acknowledgements.
+    fn full(&self) -> bool {
+        self.in_flight.max(self.delivering) >= self.max_in_flight
+    }
+
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Outcome { chain } => {
+                self.in_flight -= 1;
+                self.delivering += 1;
+                if let Some(key) = chain {
+                    self.next_of(key);
                 }
             }
-        }
-        if let Some(key) = done.chain {
-            loop {
-                match self.chains.get_mut(&key).and_then(VecDeque::pop_front) {
-                    // Its partition was revoked: the new owner will run it.
-                    Some(next) if next.cancel.is_cancelled() => self.in_flight -= 1,
-                    Some(next) => {
-                        self.spawn(next);
-                        break;
-                    }
-                    None => {
-                        self.chains.remove(&key);
-                        break;
+            Report::Final {
+                partition,
+                offset,
+                epoch,
+                completed,
+            } => {
+                self.delivering -= 1;
+                if completed {
+                    let mut partitions = self.shared.partitions();
+                    if let Some(p) = partitions.get_mut(&partition) {
+                        if p.epoch == epoch {
+                            p.tracker.finished(offset);
+                        }
                     }
                 }
             }
         }
         self.jobs.metrics.in_flight.set(self.in_flight as i64);
+        let load = self.in_flight.max(self.delivering);
         if self.paused {
-            if (self.in_flight as f64) <= self.max_in_flight as f64 * RESUME_AT {
+            if (load as f64) <= self.max_in_flight as f64 * RESUME_AT {
                 self.set_paused(false);
                 self.full_since = None;
             }
-        } else if self.in_flight < self.max_in_flight {
+        } else if !self.full() {
             self.full_since = None;
+        }
+    }
+
+    /// Starts the next waiting event of `key`, if any.
+    fn next_of(&mut self, key: ChainKey) {
+        loop {
+            match self.chains.get_mut(&key).and_then(VecDeque::pop_front) {
+                // Its partition was revoked: the new owner will run it.
+                Some(next) if next.cancel.is_cancelled() => self.in_flight -= 1,
+                Some(next) => {
+                    self.spawn(next);
+                    break;
+                }
+                None => {
+                    self.chains.remove(&key);
+                    break;
+                }
+            }
         }
     }
 
@@ -410,23 +448,45 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
         cancel,
         chain,
     } = job;
-    let completed = tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = process(&ctx, &record) => true,
+    let decided = tokio::select! {
+        _ = cancel.cancelled() => None,
+        decided = decide(&ctx, &record) => Some(decided),
     };
-    let done = Done {
-        partition: record.partition,
-        offset: record.offset,
-        epoch,
-        chain,
-        completed,
-    };
+    // Enqueued before the outcome is reported, so that the next event of the
+    // key, which may start then, cannot overtake these records.
+    let pending = decided.map(|d| Pending::enqueue(&ctx, &record, d));
     // The loop is gone only after shutdown; nothing is left to report to then.
-    let _ = ctx.done.send(done).await;
+    let _ = ctx.reports.send(Report::Outcome { chain }).await;
+    let completed = match pending {
+        None => false,
+        Some(pending) => tokio::select! {
+            _ = cancel.cancelled() => false,
+            // Boxed: the produce futures are large and only live after the
+            // outcome, so events still waiting (for a permit, a backoff) do
+            // not carry them.
+            _ = Box::pin(pending.deliver(&ctx, &record)) => true,
+        },
+    };
+    let _ = ctx
+        .reports
+        .send(Report::Final {
+            partition: record.partition,
+            offset: record.offset,
+            epoch,
+            completed,
+        })
+        .await;
 }
 
-/// Event → outcome → records acknowledged.
-async fn process(ctx: &JobContext, record: &Record) {
+/// An event's outcome, and who it was for.
+struct Decided {
+    who: Identity,
+    outcome: Outcome,
+    action: String,
+}
+
+/// Event → outcome (with its metrics).
+async fn decide(ctx: &JobContext, record: &Record) -> Decided {
     let (who, outcome) = match &record.value {
         None => (
             Identity::default(),
@@ -449,92 +509,155 @@ async fn process(ctx: &JobContext, record: &Record) {
         Some(id) if ctx.dispatcher.actions().get(id).is_some() => id.to_string(),
         _ => UNKNOWN_ACTION.to_string(),
     };
-    let elapsed = record.consumed_at.elapsed();
-    ctx.metrics.record(&action, &outcome, elapsed.as_secs_f64());
+    ctx.metrics.record(
+        &action,
+        &outcome,
+        record.consumed_at.elapsed().as_secs_f64(),
+    );
     if outcome.code.is_failure() {
         tracing::debug!(event_id = ?who.event_id, outcome = %outcome.code, error = ?outcome.error, "event failed");
     }
+    Decided {
+        who,
+        outcome,
+        action,
+    }
+}
 
-    let result = async {
-        if let (Some(topic), Some(value)) = (
+/// An outcome whose records are enqueued in the producer.
+struct Pending {
+    decided: Decided,
+    result: Option<(Vec<u8>, Sent)>,
+    dead_letter: Option<(OwnedHeaders, Sent)>,
+}
+
+impl Pending {
+    fn enqueue(ctx: &JobContext, record: &Record, decided: Decided) -> Pending {
+        let elapsed_ms = record.consumed_at.elapsed().as_secs_f64() * 1000.0;
+        let result = match (
             &ctx.results_topic,
-            records::result_value(&who, &outcome, elapsed.as_secs_f64() * 1000.0),
+            records::result_value(&decided.who, &decided.outcome, elapsed_ms),
         ) {
-            deliver(ctx, topic, record.key.as_deref(), Some(&value), None).await;
-        }
-    };
-    let dead_letter = async {
-        if outcome.code.is_failure() {
+            (Some(topic), Some(value)) => {
+                let sent = send(ctx, topic, record.key.as_deref(), Some(&value), None);
+                Some((value, sent))
+            }
+            _ => None,
+        };
+        let dead_letter = decided.outcome.code.is_failure().then(|| {
             let source = Source {
                 topic: &ctx.input_topic,
                 partition: record.partition,
                 offset: record.offset,
             };
             let mut headers = OwnedHeaders::new();
-            for (name, value) in records::dlq_headers(&who, &outcome, source) {
+            for (name, value) in records::dlq_headers(&decided.who, &decided.outcome, source) {
                 headers = headers.insert(Header {
                     key: name,
                     value: Some(value.as_str()),
                 });
             }
-            deliver(
+            let sent = send(
                 ctx,
                 &ctx.dlq_topic,
                 record.key.as_deref(),
                 record.value.as_deref(),
-                Some(headers),
-            )
-            .await;
-            ctx.metrics
-                .dlq
-                .with_label_values(&[&outcome.code.to_string()])
-                .inc();
-        }
-    };
-    // Boxed: the produce futures are large and only live after the outcome,
-    // so events still waiting (for a permit, a backoff) do not carry them.
-    Box::pin(async { tokio::join!(result, dead_letter) }).await;
-
-    if let Some(observer) = &ctx.observer {
-        observer(&Finished {
-            event_id: who.event_id,
-            action,
-            code: outcome.code,
-            attempts: outcome.attempt_count(),
-            latency: record.consumed_at.elapsed(),
+                Some(&headers),
+            );
+            (headers, sent)
         });
+        Pending {
+            decided,
+            result,
+            dead_letter,
+        }
+    }
+
+    /// Waits until every record is acknowledged, then tells the observer.
+    async fn deliver(self, ctx: &JobContext, record: &Record) {
+        let Pending {
+            decided,
+            result,
+            dead_letter,
+        } = self;
+        let key = record.key.as_deref();
+        let result = async {
+            if let (Some(topic), Some((value, sent))) = (&ctx.results_topic, result) {
+                deliver(ctx, topic, key, Some(&value), None, sent).await;
+            }
+        };
+        let dead_letter = async {
+            if let Some((headers, sent)) = dead_letter {
+                let value = record.value.as_deref();
+                deliver(ctx, &ctx.dlq_topic, key, value, Some(&headers), sent).await;
+                ctx.metrics
+                    .dlq
+                    .with_label_values(&[&decided.outcome.code.to_string()])
+                    .inc();
+            }
+        };
+        tokio::join!(result, dead_letter);
+        if let Some(observer) = &ctx.observer {
+            observer(&Finished {
+                event_id: decided.who.event_id,
+                action: decided.action,
+                code: decided.outcome.code,
+                attempts: decided.outcome.attempt_count(),
+                latency: record.consumed_at.elapsed(),
+            });
+        }
     }
 }
 
-/// Produces one record and waits for the broker's acknowledgement, trying
-/// again until it is acknowledged: an outcome is never skipped.
+/// A record enqueued in the producer, or why it could not be.
+type Sent = Result<DeliveryFuture, rdkafka::error::KafkaError>;
+
+/// Enqueues one record in the producer.
+fn send(
+    ctx: &JobContext,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: Option<&OwnedHeaders>,
+) -> Sent {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(v) = value {
+        record = record.payload(v);
+    }
+    if let Some(h) = headers {
+        record = record.headers(h.clone());
+    }
+    ctx.producer.send_result(record).map_err(|(e, _)| e)
+}
+
+/// Waits for the broker's acknowledgement of a record (`sent`, if it was
+/// enqueued), producing it again until it is acknowledged: an outcome is
+/// never skipped.
 async fn deliver(
     ctx: &JobContext,
     topic: &str,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
-    headers: Option<OwnedHeaders>,
+    headers: Option<&OwnedHeaders>,
+    mut sent: Sent,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        if let Some(h) = &headers {
-            record = record.headers(h.clone());
-        }
-        match ctx.producer.send(record, Duration::from_secs(5)).await {
-            Ok(_) => return,
-            Err((e, _)) => {
-                tracing::warn!(topic, error = %e, retry_in = ?backoff, "produce failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_PRODUCE_BACKOFF);
-            }
-        }
+        let error = match sent {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_) => "the producer dropped the delivery".to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(topic, %error, retry_in = ?backoff, "produce failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_PRODUCE_BACKOFF);
+        sent = send(ctx, topic, key, value, headers);
     }
 }
 
