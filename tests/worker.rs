@@ -1952,3 +1952,72 @@ async fn partitions_gained_while_paused_do_not_lift_the_in_flight_limit() {
     );
     worker.stop().await;
 }
+
+/// Events that must wait for the rate limit are held as bytes and parsed and
+/// rendered again once admitted: each call must still carry its own event's
+/// data, the rate must be kept, and the cap must refuse the events beyond it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_held_for_the_rate_limit_are_sent_with_their_own_data_and_capped_beyond_the_cap() {
+    const N: usize = 12;
+    const CAP: usize = 8;
+    let kafka = Setup::new("held", 2).await;
+    let provider = Provider::start(|_| (200, Duration::ZERO)).await;
+    let actions = Actions::new(&[notify_action(
+        "paced",
+        &provider.url("/paced"),
+        "throttle:\n  rate: 10/s\n  burst: 1\ncap:\n  max_calls: 8\n  per: 1h\n",
+    )]);
+    let produced = events("held", "paced", N, N);
+    kafka.produce(&produced).await;
+
+    let worker = start_worker(kafka.settings(), &actions);
+    let results = kafka
+        .read_until(
+            &kafka.results,
+            "a result record per event",
+            Duration::from_secs(60),
+            |r| r.len() >= N,
+        )
+        .await;
+    worker.stop().await;
+
+    let outcomes: BTreeMap<String, String> = results
+        .iter()
+        .map(|r| {
+            (
+                r.event_id(),
+                r.json()["outcome"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(outcomes.len(), N, "one result per event: {outcomes:?}");
+    let ok = outcomes.values().filter(|o| *o == "ok").count();
+    let capped = outcomes.values().filter(|o| *o == "capped").count();
+    assert_eq!((ok, capped), (CAP, N - CAP), "{outcomes:?}");
+
+    let mut seen = provider.seen();
+    assert_eq!(seen.len(), CAP, "the cap lets {CAP} calls through");
+    for s in &seen {
+        // held-{i} is profile p-{i} with seq 0 (one event per profile).
+        let i: usize = s
+            .call
+            .event_id
+            .trim_start_matches("held-")
+            .parse()
+            .expect("an event id");
+        assert_eq!(
+            s.call.profile,
+            format!("p-{i}"),
+            "{}: its own profile",
+            s.call.event_id
+        );
+        assert_eq!(s.call.seq, 0, "{}: its own seq", s.call.event_id);
+        assert_eq!(outcomes[&s.call.event_id], "ok", "a called event ends ok");
+    }
+    seen.sort_by_key(|s| s.call.arrived);
+    let span = seen[CAP - 1].call.arrived - seen[0].call.arrived;
+    assert!(
+        span >= Duration::from_millis(650),
+        "{CAP} calls at 10/s with burst 1 need at least ~700 ms, took {span:?}"
+    );
+}

@@ -120,6 +120,13 @@ impl KeyLimits {
         }
     }
 
+    /// Takes a rate permit if one is free now.
+    pub fn try_throttle(&self) -> bool {
+        self.rate
+            .as_ref()
+            .is_none_or(|limiter| limiter.check().is_ok())
+    }
+
     /// Takes one call from the cap; false when the cap is reached.
     pub fn take_cap(&self) -> bool {
         match &self.cap {
@@ -127,6 +134,20 @@ impl KeyLimits {
             Some(window) => match window.lock() {
                 Ok(mut w) => w.try_acquire(Instant::now()),
                 Err(poisoned) => poisoned.into_inner().try_acquire(Instant::now()),
+            },
+        }
+    }
+
+    /// A bulkhead slot if one is free now: `Err` when the caller must wait,
+    /// `Ok(None)` when unbounded.
+    pub fn try_enter(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
+        match &self.bulkhead {
+            None => Ok(None),
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(permit) => Ok(Some(permit)),
+                Err(tokio::sync::TryAcquireError::NoPermits) => Err(()),
+                // Never closed; behave as unbounded rather than block forever.
+                Err(tokio::sync::TryAcquireError::Closed) => Ok(None),
             },
         }
     }

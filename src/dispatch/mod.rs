@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, HeaderName, RETRY_AFTER};
 use reqwest::{Client, Request, StatusCode};
 use serde_json::Value;
@@ -29,6 +29,7 @@ use crate::render::RenderedRequest;
 use limits::KeyLimits;
 pub use outcome::{Attempt, AttemptStatus, Outcome, OutcomeCode};
 use retry::{classify, AttemptClass, Verdict};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// How much of a response `send` prints.
 pub const SEND_BODY_LIMIT: usize = 1024 * 1024;
@@ -169,56 +170,103 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(outcome) => return outcome,
         };
-        let limits = self.catalog.load().limits.get(&def.limits_key).cloned();
-        let limits = limits.as_deref();
-        let client = self.client_for(&def);
-        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
-        let deadline = event.deadline.map(|d| {
-            let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-            tokio::time::Instant::now() + left
-        });
-        let started = Instant::now();
-        let mut outcome = Outcome::early(OutcomeCode::Ok, "");
-        outcome.error = None;
-        outcome.limits_key = limits.map(|l| l.key.clone());
-        let mut schedule = def.retry.schedule();
-        let expired = |mut outcome: Outcome, while_what: &str| {
-            outcome.code = OutcomeCode::Expired;
-            let last = outcome
-                .error
-                .take()
-                .map(|e| format!(" (last attempt: {e})"))
-                .unwrap_or_default();
-            outcome.error = Some(format!("expires_at passed {while_what}{last}"));
-            outcome.completed_at = Utc::now();
-            outcome
+        let first = match self.try_admit(&def) {
+            Admission::Ready(admitted) => admitted,
+            Admission::Refused(outcome) => return outcome,
+            Admission::Wait(waiting) => match self.admit(waiting, event.deadline).await {
+                Ok(admitted) => admitted,
+                Err(outcome) => return outcome,
+            },
         };
-        loop {
-            let mut _permit = None;
-            if let Some(limits) = limits {
-                match until(deadline, limits.throttle()).await {
-                    Some(waited) => outcome.throttle_wait += waited,
-                    None => return expired(outcome, "while throttled"),
-                }
-                if !limits.take_cap() {
-                    outcome.code = OutcomeCode::Capped;
-                    outcome.error = Some(format!("cap of key `{}` reached", limits.key));
-                    outcome.completed_at = Utc::now();
-                    return outcome;
-                }
-                match until(deadline, limits.enter()).await {
-                    Some(permit) => _permit = permit,
-                    None => return expired(outcome, "while waiting for a concurrency slot"),
-                }
+        self.run(&def, &request, event, first).await
+    }
+
+    /// The first attempt's limits, if they can be taken without waiting:
+    /// rate permit, cap, bulkhead slot.
+    pub fn try_admit(&self, def: &ActionDefinition) -> Admission {
+        let limits = self.catalog.load().limits.get(&def.limits_key).cloned();
+        let Some(limits) = limits else {
+            return Admission::Ready(Admitted::default());
+        };
+        match try_admit(&limits) {
+            Step::Admitted(permit) => Admission::Ready(Admitted {
+                limits: Some(limits),
+                permit,
+                throttle_wait: Duration::ZERO,
+            }),
+            Step::Capped => {
+                let outcome = no_outcome_yet();
+                Admission::Refused(refuse(outcome, &limits, Refusal::Capped))
             }
+            Step::Wait { throttled } => Admission::Wait(Waiting { limits, throttled }),
+        }
+    }
+
+    /// Waits for the rest of the first attempt's limits, up to `deadline`
+    /// (the event's `expires_at`).
+    pub async fn admit(
+        &self,
+        waiting: Waiting,
+        deadline: Option<DateTime<Utc>>,
+    ) -> Result<Admitted, Outcome> {
+        let Waiting { limits, throttled } = waiting;
+        match wait_admit(&limits, throttled, until_instant(deadline)).await {
+            Ok(admitted) => Ok(admitted),
+            Err(refusal) => {
+                let outcome = no_outcome_yet();
+                Err(refuse(outcome, &limits, refusal))
+            }
+        }
+    }
+
+    /// Runs a prepared event whose first attempt is admitted: the calls,
+    /// and the retries with their own limits.
+    pub async fn run(
+        &self,
+        def: &ActionDefinition,
+        request: &RenderedRequest,
+        event: &ActionEvent,
+        first: Admitted,
+    ) -> Outcome {
+        let client = self.client_for(def);
+        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
+        let deadline = until_instant(event.deadline);
+        let started = Instant::now();
+        let limits = first.limits.clone();
+        let mut outcome = no_outcome_yet();
+        outcome.limits_key = limits.as_ref().map(|l| l.key.clone());
+        let mut schedule = def.retry.schedule();
+        let mut next = Some(first);
+        loop {
+            let admitted = match (next.take(), &limits) {
+                (Some(admitted), _) => admitted,
+                (None, None) => Admitted::default(),
+                (None, Some(limits)) => {
+                    let admitted = match try_admit(limits) {
+                        Step::Admitted(permit) => Ok(Admitted {
+                            limits: None,
+                            permit,
+                            throttle_wait: Duration::ZERO,
+                        }),
+                        Step::Capped => Err(Refusal::Capped),
+                        Step::Wait { throttled } => wait_admit(limits, throttled, deadline).await,
+                    };
+                    match admitted {
+                        Ok(admitted) => admitted,
+                        Err(refusal) => return refuse(outcome, limits, refusal),
+                    }
+                }
+            };
+            outcome.throttle_wait += admitted.throttle_wait;
+            let _permit = admitted.permit;
             outcome.first_attempt_at.get_or_insert_with(Utc::now);
             // Boxed: the HTTP call's state machine is many KiB, and events
-            // waiting for a permit above should not carry it (10 000 held
-            // events: 10 000 such futures).
+            // waiting for a permit should not carry it (10 000 held events:
+            // 10 000 such futures).
             let call = self.call(
-                &def,
+                def,
                 client,
-                &request,
+                request,
                 event,
                 timeout,
                 def.response.max_bytes,
@@ -232,7 +280,7 @@ impl Dispatcher {
                 Err(failure) => failure.class,
             };
             let verdict = classify(class, &def.retry.retry_on);
-            finish(&def, &mut outcome, &result);
+            finish(def, &mut outcome, &result);
             if verdict != Verdict::Retry {
                 return outcome;
             }
@@ -485,6 +533,128 @@ fn mask_value(def: &ActionDefinition, v: Value) -> Value {
     } else {
         serde_json::from_str(&masked).unwrap_or(Value::String(masked))
     }
+}
+
+/// The limits taken for one attempt; the bulkhead slot is held until the
+/// attempt ends.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// The key's limits (for the retries), when the action has any.
+    limits: Option<Arc<KeyLimits>>,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Time spent waiting for the rate limit.
+    throttle_wait: Duration,
+}
+
+/// An attempt that must wait for its limits.
+#[derive(Debug)]
+pub struct Waiting {
+    limits: Arc<KeyLimits>,
+    /// The rate permit and the cap are already taken.
+    throttled: bool,
+}
+
+/// See [`Dispatcher::try_admit`].
+#[derive(Debug)]
+pub enum Admission {
+    Ready(Admitted),
+    /// Wait with [`Dispatcher::admit`].
+    Wait(Waiting),
+    /// The cap refused the call (`capped`).
+    Refused(Outcome),
+}
+
+enum Step {
+    Admitted(Option<OwnedSemaphorePermit>),
+    Capped,
+    Wait { throttled: bool },
+}
+
+enum Refusal {
+    Capped,
+    Expired(&'static str),
+}
+
+/// One attempt's limits, in order, as far as they go without waiting:
+/// rate (would wait), cap (rejects), bulkhead (would wait).
+fn try_admit(limits: &KeyLimits) -> Step {
+    if !limits.try_throttle() {
+        return Step::Wait { throttled: false };
+    }
+    if !limits.take_cap() {
+        return Step::Capped;
+    }
+    match limits.try_enter() {
+        Ok(permit) => Step::Admitted(permit),
+        Err(()) => Step::Wait { throttled: true },
+    }
+}
+
+/// The rest of one attempt's limits, waiting as they demand, up to `deadline`.
+async fn wait_admit(
+    limits: &Arc<KeyLimits>,
+    throttled: bool,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Admitted, Refusal> {
+    let mut throttle_wait = Duration::ZERO;
+    if !throttled {
+        throttle_wait = until(deadline, limits.throttle())
+            .await
+            .ok_or(Refusal::Expired("while throttled"))?;
+        if !limits.take_cap() {
+            return Err(Refusal::Capped);
+        }
+    }
+    let permit = until(deadline, limits.enter())
+        .await
+        .ok_or(Refusal::Expired("while waiting for a concurrency slot"))?;
+    Ok(Admitted {
+        limits: Some(limits.clone()),
+        permit,
+        throttle_wait,
+    })
+}
+
+/// The outcome of an event before its first attempt.
+fn no_outcome_yet() -> Outcome {
+    let mut outcome = Outcome::early(OutcomeCode::Ok, "");
+    outcome.error = None;
+    outcome
+}
+
+/// The outcome so far, ended by a refusal of the limits.
+fn refuse(mut outcome: Outcome, limits: &KeyLimits, refusal: Refusal) -> Outcome {
+    outcome.limits_key = Some(limits.key.clone());
+    match refusal {
+        Refusal::Capped => {
+            outcome.code = OutcomeCode::Capped;
+            outcome.error = Some(format!("cap of key `{}` reached", limits.key));
+            outcome.completed_at = Utc::now();
+            outcome
+        }
+        Refusal::Expired(while_what) => expired(outcome, while_what),
+    }
+}
+
+/// The outcome so far, ended because `expires_at` passed.
+fn expired(mut outcome: Outcome, while_what: &str) -> Outcome {
+    outcome.code = OutcomeCode::Expired;
+    let last = outcome
+        .error
+        .take()
+        .map(|e| format!(" (last attempt: {e})"))
+        .unwrap_or_default();
+    outcome.error = Some(format!("expires_at passed {while_what}{last}"));
+    outcome.completed_at = Utc::now();
+    outcome
+}
+
+/// An event's `expires_at` as a timer deadline.
+fn until_instant(deadline: Option<DateTime<Utc>>) -> Option<tokio::time::Instant> {
+    deadline.map(|d| {
+        let left = (d - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::time::Instant::now() + left
+    })
 }
 
 /// Runs `fut` until `deadline`; `None` when the deadline came first.

@@ -28,12 +28,18 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
+use crate::action::ActionDefinition;
 use crate::action::ActionSet;
-use crate::dispatch::{DispatchOptions, Dispatcher, Outcome, OutcomeCode};
+use crate::dispatch::{
+    Admission, Admitted, DispatchOptions, Dispatcher, Outcome, OutcomeCode, Waiting,
+};
 use crate::event::ActionEvent;
+use crate::render::RenderedRequest;
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::{Metrics, UNKNOWN_ACTION};
+use chrono::{DateTime, Utc};
 use context::{Shared, WorkerContext};
 use records::{Identity, Source};
 
@@ -107,7 +113,7 @@ struct JobContext {
     dlq_topic: String,
     metrics: Arc<Metrics>,
     observer: Option<Observer>,
-    reports: mpsc::Sender<Report>,
+    reports: mpsc::UnboundedSender<Report>,
 }
 
 /// The worker: build it, then [`Worker::run`] it until shutdown.
@@ -176,10 +182,10 @@ impl Worker {
             .context("creating the Kafka producer")?;
 
         let max_in_flight = dispatch.max_in_flight;
-        // Every job sends two reports; at most max_in_flight jobs are before
-        // their outcome and max_in_flight after it (plus the few records that
-        // arrive while pausing).
-        let (report_tx, mut reports) = mpsc::channel::<Report>(2 * max_in_flight + 64);
+        // Unbounded, yet bounded: every job sends two reports, and at most
+        // max_in_flight jobs are before their outcome and max_in_flight after
+        // it (plus the few records that arrive while pausing).
+        let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
         let jobs = Arc::new(JobContext {
             dispatcher: self.dispatcher.clone(),
             producer: producer.clone(),
@@ -453,29 +459,26 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
         decided = decide(&ctx, &record) => Some(decided),
     };
     // Enqueued before the outcome is reported, so that the next event of the
-    // key, which may start then, cannot overtake these records.
-    let pending = decided.map(|d| Pending::enqueue(&ctx, &record, d));
+    // key, which may start then, cannot overtake these records. Boxed: the
+    // produce futures only live after the outcome, so events still waiting
+    // (for a permit, a backoff) do not carry them.
+    let delivery =
+        decided.map(|d| Box::pin(Pending::enqueue(&ctx, &record, d).deliver(&ctx, &record)));
     // The loop is gone only after shutdown; nothing is left to report to then.
-    let _ = ctx.reports.send(Report::Outcome { chain }).await;
-    let completed = match pending {
+    let _ = ctx.reports.send(Report::Outcome { chain });
+    let completed = match delivery {
         None => false,
-        Some(pending) => tokio::select! {
+        Some(delivery) => tokio::select! {
             _ = cancel.cancelled() => false,
-            // Boxed: the produce futures are large and only live after the
-            // outcome, so events still waiting (for a permit, a backoff) do
-            // not carry them.
-            _ = Box::pin(pending.deliver(&ctx, &record)) => true,
+            _ = delivery => true,
         },
     };
-    let _ = ctx
-        .reports
-        .send(Report::Final {
-            partition: record.partition,
-            offset: record.offset,
-            epoch,
-            completed,
-        })
-        .await;
+    let _ = ctx.reports.send(Report::Final {
+        partition: record.partition,
+        offset: record.offset,
+        epoch,
+        completed,
+    });
 }
 
 /// An event's outcome, and who it was for.
@@ -487,26 +490,26 @@ struct Decided {
 
 /// Event → outcome (with its metrics).
 async fn decide(ctx: &JobContext, record: &Record) -> Decided {
-    let (who, outcome) = match &record.value {
-        None => (
-            Identity::default(),
-            Outcome::early(OutcomeCode::InvalidEvent, "the record has no value"),
-        ),
-        Some(value) => match ActionEvent::from_slice(value) {
-            Err(invalid) => (
-                Identity::of_invalid(&invalid),
-                Outcome::early(OutcomeCode::InvalidEvent, invalid.reason.clone()),
-            ),
-            Ok(event) => {
-                let span = tracing::debug_span!("event", event_id = %event.event_id, action_id = %event.action_id, partition = record.partition, offset = record.offset);
-                let outcome =
-                    tracing::Instrument::instrument(ctx.dispatcher.execute(&event), span).await;
-                (Identity::of_event(&event), outcome)
+    let dispatcher = &ctx.dispatcher;
+    let mut who = Identity::default();
+    let start = start(dispatcher, record.value.as_deref(), &mut who);
+    let span = tracing::debug_span!("event", event_id = ?who.event_id, action_id = ?who.action_id, partition = record.partition, offset = record.offset);
+    let outcome = match start {
+        Start::Done(outcome) => outcome,
+        Start::Run(ready) => run(dispatcher, ready).instrument(span).await,
+        Start::Wait(waiting, deadline) => {
+            let admitted = dispatcher
+                .admit(waiting, deadline)
+                .instrument(span.clone())
+                .await;
+            match admitted.and_then(|first| restart(dispatcher, record.value.as_deref(), first)) {
+                Ok(ready) => run(dispatcher, ready).instrument(span).await,
+                Err(outcome) => outcome,
             }
-        },
+        }
     };
     let action = match who.action_id.as_deref() {
-        Some(id) if ctx.dispatcher.actions().get(id).is_some() => id.to_string(),
+        Some(id) if dispatcher.actions().get(id).is_some() => id.to_string(),
         _ => UNKNOWN_ACTION.to_string(),
     };
     ctx.metrics.record(
@@ -522,6 +525,91 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
         outcome,
         action,
     }
+}
+
+/// What an event's record leads to, found without waiting. This is
+/// [`Dispatcher::execute`] taken apart so that an event which must wait for
+/// its first attempt's limits (rate, bulkhead) waits as its record's bytes
+/// only: the parsed event and the rendered request are dropped, and made
+/// again once it is admitted.
+enum Start {
+    /// Final already: invalid, unknown action, capped, expired, ...
+    Done(Outcome),
+    /// Admitted.
+    Run(Box<Ready>),
+    /// Its first attempt must wait for the limits (until `expires_at`).
+    Wait(Waiting, Option<DateTime<Utc>>),
+}
+
+/// An admitted event, parsed and rendered.
+struct Ready {
+    event: ActionEvent,
+    def: Arc<ActionDefinition>,
+    request: RenderedRequest,
+    first: Admitted,
+}
+
+fn start(dispatcher: &Dispatcher, value: Option<&[u8]>, who: &mut Identity) -> Start {
+    let Some(value) = value else {
+        return Start::Done(Outcome::early(
+            OutcomeCode::InvalidEvent,
+            "the record has no value",
+        ));
+    };
+    let event = match ActionEvent::from_slice(value) {
+        Ok(event) => event,
+        Err(invalid) => {
+            *who = Identity::of_invalid(&invalid);
+            return Start::Done(Outcome::early(OutcomeCode::InvalidEvent, invalid.reason));
+        }
+    };
+    *who = Identity::of_event(&event);
+    let (def, request) = match dispatcher.prepare(&event) {
+        Ok(ready) => ready,
+        Err(outcome) => return Start::Done(outcome),
+    };
+    match dispatcher.try_admit(&def) {
+        Admission::Ready(first) => Start::Run(Box::new(Ready {
+            event,
+            def,
+            request,
+            first,
+        })),
+        Admission::Refused(outcome) => Start::Done(outcome),
+        Admission::Wait(waiting) => Start::Wait(waiting, event.deadline),
+    }
+}
+
+/// An event admitted after waiting, parsed and rendered again: the same
+/// bytes give the same request (unless a reload changed the action).
+fn restart(
+    dispatcher: &Dispatcher,
+    value: Option<&[u8]>,
+    first: Admitted,
+) -> Result<Box<Ready>, Outcome> {
+    let event = ActionEvent::from_slice(value.unwrap_or_default())
+        .map_err(|invalid| Outcome::early(OutcomeCode::InvalidEvent, invalid.reason))?;
+    let (def, request) = dispatcher.prepare(&event)?;
+    Ok(Box::new(Ready {
+        event,
+        def,
+        request,
+        first,
+    }))
+}
+
+/// Boxed: only admitted events carry the calls' state.
+async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> Outcome {
+    Box::pin(async move {
+        let Ready {
+            event,
+            def,
+            request,
+            first,
+        } = *ready;
+        dispatcher.run(&def, &request, &event, first).await
+    })
+    .await
 }
 
 /// An outcome whose records are enqueued in the producer.
