@@ -70,6 +70,17 @@ impl LimitSpec {
     }
 }
 
+/// See [`KeyLimits::try_enter`].
+#[derive(Debug)]
+pub enum Slot {
+    /// No bulkhead.
+    Unbounded,
+    /// Held until dropped.
+    Taken(OwnedSemaphorePermit),
+    /// Every slot is taken: wait with [`KeyLimits::enter`].
+    Busy,
+}
+
 /// The live limits of one key.
 pub struct KeyLimits {
     pub key: String,
@@ -138,16 +149,15 @@ impl KeyLimits {
         }
     }
 
-    /// A bulkhead slot if one is free now: `Err` when the caller must wait,
-    /// `Ok(None)` when unbounded.
-    pub fn try_enter(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
+    /// A bulkhead slot if one is free now.
+    pub fn try_enter(&self) -> Slot {
         match &self.bulkhead {
-            None => Ok(None),
+            None => Slot::Unbounded,
             Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(permit) => Ok(Some(permit)),
-                Err(tokio::sync::TryAcquireError::NoPermits) => Err(()),
+                Ok(permit) => Slot::Taken(permit),
+                Err(tokio::sync::TryAcquireError::NoPermits) => Slot::Busy,
                 // Never closed; behave as unbounded rather than block forever.
-                Err(tokio::sync::TryAcquireError::Closed) => Ok(None),
+                Err(tokio::sync::TryAcquireError::Closed) => Slot::Unbounded,
             },
         }
     }

@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::action::{ActionDefinition, ActionSet};
 use crate::event::ActionEvent;
 use crate::render::RenderedRequest;
-use limits::KeyLimits;
+use limits::{KeyLimits, Slot};
 pub use outcome::{Attempt, AttemptStatus, Outcome, OutcomeCode};
 use retry::{classify, AttemptClass, Verdict};
 use tokio::sync::OwnedSemaphorePermit;
@@ -556,6 +556,8 @@ pub struct Waiting {
 
 /// See [`Dispatcher::try_admit`].
 #[derive(Debug)]
+// A return value, matched at once and never stored.
+#[allow(clippy::large_enum_variant)]
 pub enum Admission {
     Ready(Admitted),
     /// Wait with [`Dispatcher::admit`].
@@ -585,8 +587,9 @@ fn try_admit(limits: &KeyLimits) -> Step {
         return Step::Capped;
     }
     match limits.try_enter() {
-        Ok(permit) => Step::Admitted(permit),
-        Err(()) => Step::Wait { throttled: true },
+        Slot::Unbounded => Step::Admitted(None),
+        Slot::Taken(permit) => Step::Admitted(Some(permit)),
+        Slot::Busy => Step::Wait { throttled: true },
     }
 }
 

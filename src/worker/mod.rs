@@ -532,6 +532,8 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
 /// its first attempt's limits (rate, bulkhead) waits as its record's bytes
 /// only: the parsed event and the rendered request are dropped, and made
 /// again once it is admitted.
+// A return value, matched at once and never stored.
+#[allow(clippy::large_enum_variant)]
 enum Start {
     /// Final already: invalid, unknown action, capped, expired, ...
     Done(Outcome),
