@@ -95,10 +95,19 @@ pub struct EndToEnd {
     pub events_per_second: f64,
     /// end-to-end / min(limit A, limit B).
     pub ratio: f64,
+    /// Events consumed in the first `warmup_seconds` are left out of the
+    /// latency figures below (only with `--rate`; 0 otherwise).
+    pub warmup_seconds: f64,
+    /// Events the latency figures are over.
+    pub latency_events: usize,
     /// Consume to outcome records acknowledged, milliseconds.
     pub latency_ms: Percentiles,
     /// Latency minus the sink's own (its fixed or mean latency), milliseconds.
     pub added_latency_ms: Percentiles,
+    /// Consume to outcome (before its records are produced), milliseconds.
+    pub to_outcome_ms: Percentiles,
+    /// `latency_ms` over every event, warm-up included.
+    pub all_latency_ms: Percentiles,
     pub peak_rss_mib: f64,
     pub cpu_seconds_per_10k: f64,
     pub outcomes: BTreeMap<String, usize>,
@@ -407,13 +416,17 @@ async fn end_to_end(
     o: &BenchOptions,
 ) -> anyhow::Result<EndToEnd> {
     let total = events.len();
-    let finished: Arc<Mutex<Vec<(Instant, Duration, String)>>> =
-        Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let finished: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let observer = {
         let finished = finished.clone();
         Arc::new(move |f: &Finished| {
             if let Ok(mut v) = finished.lock() {
-                v.push((Instant::now(), f.latency, f.code.to_string()));
+                v.push(Seen {
+                    at: Instant::now(),
+                    latency: f.latency,
+                    to_outcome: f.to_outcome,
+                    code: f.code.to_string(),
+                });
             }
         })
     };
@@ -459,39 +472,66 @@ async fn end_to_end(
     let finished = finished.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let first_consumed = finished
         .iter()
-        .map(|(at, lat, _)| *at - *lat)
+        .map(|f| f.at - f.latency)
         .min()
         .unwrap_or_else(Instant::now);
     let last = finished
         .iter()
-        .map(|(at, _, _)| *at)
+        .map(|f| f.at)
         .max()
         .unwrap_or_else(Instant::now);
     let seconds = (last - first_consumed).as_secs_f64();
-    let mut latencies: Vec<f64> = finished
-        .iter()
-        .map(|(_, l, _)| l.as_secs_f64() * 1e3)
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
     let mut outcomes = BTreeMap::new();
-    for (_, _, code) in finished.iter() {
-        *outcomes.entry(code.clone()).or_default() += 1;
+    for f in finished.iter() {
+        *outcomes.entry(f.code.clone()).or_default() += 1;
     }
-    let latency_ms = percentiles(&latencies, 0.0);
-    let added_latency_ms = percentiles(&latencies, sink_ms);
+    let sorted_ms = |durations: &mut dyn Iterator<Item = Duration>| {
+        let mut ms: Vec<f64> = durations.map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    };
+    let warmup = if o.rate.is_some() {
+        RATE_WARMUP
+    } else {
+        Duration::ZERO
+    };
+    let steady: Vec<&Seen> = finished
+        .iter()
+        .filter(|f| f.at - f.latency >= first_consumed + warmup)
+        .collect();
+    let latencies = sorted_ms(&mut steady.iter().map(|f| f.latency));
+    let to_outcome = sorted_ms(&mut steady.iter().map(|f| f.to_outcome));
+    let all = sorted_ms(&mut finished.iter().map(|f| f.latency));
+    let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
     let per_second = total as f64 / seconds.max(1e-9);
     Ok(EndToEnd {
         events: total,
         seconds,
         events_per_second: per_second,
         ratio: 0.0, // set once the limits are measured
-        latency_ms,
-        added_latency_ms,
+        warmup_seconds: warmup.as_secs_f64(),
+        latency_events: latencies.len(),
+        latency_ms: percentiles(&latencies, 0.0),
+        added_latency_ms: percentiles(&latencies, sink_ms),
+        to_outcome_ms: percentiles(&to_outcome, 0.0),
+        all_latency_ms: percentiles(&all, 0.0),
         peak_rss_mib,
         cpu_seconds_per_10k: cpu / total as f64 * 10_000.0,
         outcomes,
     })
+}
+
+/// With `--rate`, events consumed in the first second are left out of the
+/// latency figures: they include the backlog produced while the consumer
+/// joined its group and the first connections to the sink.
+const RATE_WARMUP: Duration = Duration::from_secs(1);
+
+/// What the observer saw of one final event.
+struct Seen {
+    at: Instant,
+    latency: Duration,
+    to_outcome: Duration,
+    code: String,
 }
 
 async fn produce_at_rate(
@@ -658,10 +698,24 @@ pub fn table(r: &Report) -> String {
     ] {
         out.push_str(&format!("{name:<28}{rate:>14.0}{cpu:>18.2}\n"));
     }
-    out.push_str(&format!("\nratio end-to-end / min(A, B): {:.2}\n", e.ratio));
+    if r.rate.is_some() {
+        out.push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n");
+    } else {
+        out.push_str(&format!("\nratio end-to-end / min(A, B): {:.2}\n", e.ratio));
+    }
+    if e.warmup_seconds > 0.0 {
+        out.push_str(&format!(
+            "latency over the {} events consumed after a {:.0} s warm-up (all {}: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms)\n",
+            e.latency_events, e.warmup_seconds, e.events, e.all_latency_ms.p50, e.all_latency_ms.p99, e.all_latency_ms.max
+        ));
+    }
     out.push_str(&format!(
         "event latency (consume → records acked): p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
         e.latency_ms.p50, e.latency_ms.p99, e.latency_ms.p999, e.latency_ms.max
+    ));
+    out.push_str(&format!(
+        "  of which consume → outcome:            p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
+        e.to_outcome_ms.p50, e.to_outcome_ms.p99, e.to_outcome_ms.p999, e.to_outcome_ms.max
     ));
     out.push_str(&format!(
         "added over the sink's own latency:        p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms\n",

@@ -65,6 +65,9 @@ pub struct Finished {
     pub attempts: u32,
     /// From consume to the outcome's records acknowledged.
     pub latency: Duration,
+    /// From consume to the outcome (the rest of `latency` is producing
+    /// the records).
+    pub to_outcome: Duration,
 }
 
 pub type Observer = Arc<dyn Fn(&Finished) + Send + Sync>;
@@ -180,6 +183,8 @@ impl Worker {
         let producer: FutureProducer = producer_config(&self.settings)
             .create()
             .context("creating the Kafka producer")?;
+
+        warm_up(&producer, [&kafka.results_topic, &kafka.dlq_topic]).await;
 
         let max_in_flight = dispatch.max_in_flight;
         // Unbounded, yet bounded: every job sends two reports, and at most
@@ -486,6 +491,8 @@ struct Decided {
     who: Identity,
     outcome: Outcome,
     action: String,
+    /// From consume to the outcome.
+    took: Duration,
 }
 
 /// Event → outcome (with its metrics).
@@ -512,11 +519,8 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
         Some(id) if dispatcher.actions().get(id).is_some() => id.to_string(),
         _ => UNKNOWN_ACTION.to_string(),
     };
-    ctx.metrics.record(
-        &action,
-        &outcome,
-        record.consumed_at.elapsed().as_secs_f64(),
-    );
+    let took = record.consumed_at.elapsed();
+    ctx.metrics.record(&action, &outcome, took.as_secs_f64());
     if outcome.code.is_failure() {
         tracing::debug!(event_id = ?who.event_id, outcome = %outcome.code, error = ?outcome.error, "event failed");
     }
@@ -524,6 +528,7 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
         who,
         outcome,
         action,
+        took,
     }
 }
 
@@ -694,6 +699,7 @@ impl Pending {
                 code: decided.outcome.code,
                 attempts: decided.outcome.attempt_count(),
                 latency: record.consumed_at.elapsed(),
+                to_outcome: decided.took,
             });
         }
     }
@@ -748,6 +754,39 @@ async fn deliver(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_PRODUCE_BACKOFF);
         sent = send(ctx, topic, key, value, headers);
+    }
+}
+
+/// Fetches the metadata of the output topics before the first event, so the
+/// first results do not wait for it (bench at 15 000/s: the first ~0.2 s of
+/// events waited up to 135 ms), and says early when a topic is missing.
+async fn warm_up<'a>(producer: &FutureProducer, topics: impl IntoIterator<Item = &'a String>) {
+    for topic in topics.into_iter().filter(|t| !t.is_empty()) {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5));
+            (
+                topic,
+                metadata.map(|m| m.topics().iter().map(|t| t.error()).collect::<Vec<_>>()),
+            )
+        })
+        .await;
+        match found {
+            Ok((_, Ok(errors))) if errors.iter().all(Option::is_none) => {}
+            Ok((topic, Ok(errors))) => {
+                tracing::warn!(
+                    topic,
+                    ?errors,
+                    "output topic not available yet; its records will wait for it"
+                )
+            }
+            Ok((topic, Err(e))) => {
+                tracing::warn!(topic, error = %e, "no metadata for an output topic yet")
+            }
+            Err(_) => {}
+        }
     }
 }
 
