@@ -184,7 +184,10 @@ impl Worker {
             .create()
             .context("creating the Kafka producer")?;
 
-        warm_up(&producer, [&kafka.results_topic, &kafka.dlq_topic]).await;
+        tokio::spawn(warm_up(
+            producer.clone(),
+            vec![kafka.results_topic.clone(), kafka.dlq_topic.clone()],
+        ));
 
         let max_in_flight = dispatch.max_in_flight;
         // Unbounded, yet bounded: every job sends two reports, and at most
@@ -757,10 +760,9 @@ async fn deliver(
     }
 }
 
-/// Fetches the metadata of the output topics before the first event, so the
-/// first results do not wait for it (bench at 15 000/s: the first ~0.2 s of
-/// events waited up to 135 ms), and says early when a topic is missing.
-async fn warm_up<'a>(producer: &FutureProducer, topics: impl IntoIterator<Item = &'a String>) {
+/// Fetches the metadata of the output topics while the consumer joins its
+/// group, and says early when one is missing (instead of at the first event).
+async fn warm_up(producer: FutureProducer, topics: Vec<String>) {
     for topic in topics.into_iter().filter(|t| !t.is_empty()) {
         let (producer, topic) = (producer.clone(), topic.clone());
         let found = tokio::task::spawn_blocking(move || {
