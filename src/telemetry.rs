@@ -162,7 +162,11 @@ impl Metrics {
             ),
             in_flight: reg(
                 r,
-                IntGauge::with_opts(opts("in_flight", "Events held by this worker")).unwrap(),
+                IntGauge::with_opts(opts(
+                    "in_flight",
+                    "Events being processed by this worker (consumed, no outcome yet)",
+                ))
+                .unwrap(),
             ),
             consumer_lag: reg(
                 r,
