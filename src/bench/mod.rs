@@ -727,3 +727,44 @@ pub fn table(r: &Report) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(partitions: i32) -> BenchOptions {
+        BenchOptions {
+            events: 0,
+            concurrency: 1,
+            mix: Mix::Simple,
+            ordering: Ordering::Key,
+            keys: 1,
+            sink_latency: Latency::Fixed(Duration::ZERO),
+            brokers: None,
+            rate: None,
+            partitions,
+            bulkhead: None,
+            json: None,
+        }
+    }
+
+    #[test]
+    fn event_counts_beyond_the_mock_clusters_5_mib_per_partition_are_refused_with_the_fix() {
+        let events = simple_events(100_000, 10_000);
+        let refused = fits_the_mock_cluster(&events, &options(6))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--partitions 7"), "{refused}");
+        assert!(fits_the_mock_cluster(&events, &options(7)).is_ok());
+        assert!(fits_the_mock_cluster(&simple_events(50_000, 10_000), &options(6)).is_ok());
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank_and_never_go_below_zero() {
+        let ms: Vec<f64> = (1..=1000).map(f64::from).collect();
+        let p = percentiles(&ms, 0.0);
+        assert_eq!((p.p50, p.p99, p.p999, p.max), (500.0, 990.0, 999.0, 1000.0));
+        assert_eq!(percentiles(&ms, 995.0).p50, 0.0);
+        assert_eq!(percentiles(&[], 0.0).max, 0.0);
+    }
+}

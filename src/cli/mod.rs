@@ -104,7 +104,7 @@ pub struct BenchArgs {
     /// A real broker instead of the in-process mock cluster
     #[arg(long, value_name = "HOST:PORT")]
     pub brokers: Option<String>,
-    /// Produce the end-to-end events at this many per second (latency at a given load)
+    /// Produce the end-to-end events at this many per second (latency at a given load; the events consumed in the first second are left out of the latency figures and reported apart)
     #[arg(long)]
     pub rate: Option<u32>,
     /// Give the simple action `throttle.max_concurrency: N` (events beyond N wait without a connection)
