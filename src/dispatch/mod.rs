@@ -196,7 +196,8 @@ impl Dispatcher {
             }),
             Step::Capped => {
                 let outcome = no_outcome_yet();
-                Admission::Refused(refuse(outcome, &limits, Refusal::Capped))
+                let refusal = Refusal::Capped(Duration::ZERO);
+                Admission::Refused(refuse(outcome, &limits, refusal))
             }
             Step::Wait { throttled } => Admission::Wait(Waiting { limits, throttled }),
         }
@@ -248,7 +249,7 @@ impl Dispatcher {
                             permit,
                             throttle_wait: Duration::ZERO,
                         }),
-                        Step::Capped => Err(Refusal::Capped),
+                        Step::Capped => Err(Refusal::Capped(Duration::ZERO)),
                         Step::Wait { throttled } => wait_admit(limits, throttled, deadline).await,
                     };
                     match admitted {
@@ -573,7 +574,8 @@ enum Step {
 }
 
 enum Refusal {
-    Capped,
+    /// After waiting this long for the rate limit.
+    Capped(Duration),
     Expired(&'static str),
 }
 
@@ -605,7 +607,7 @@ async fn wait_admit(
             .await
             .ok_or(Refusal::Expired("while throttled"))?;
         if !limits.take_cap() {
-            return Err(Refusal::Capped);
+            return Err(Refusal::Capped(throttle_wait));
         }
     }
     let permit = until(deadline, limits.enter())
@@ -629,7 +631,8 @@ fn no_outcome_yet() -> Outcome {
 fn refuse(mut outcome: Outcome, limits: &KeyLimits, refusal: Refusal) -> Outcome {
     outcome.limits_key = Some(limits.key.clone());
     match refusal {
-        Refusal::Capped => {
+        Refusal::Capped(throttled) => {
+            outcome.throttle_wait += throttled;
             outcome.code = OutcomeCode::Capped;
             outcome.error = Some(format!("cap of key `{}` reached", limits.key));
             outcome.completed_at = Utc::now();
