@@ -1173,7 +1173,7 @@ async fn events_with_one_key_reach_the_provider_in_produce_order_while_keys_over
     settings.dispatch.ordering = Ordering::Key;
     settings.dispatch.max_in_flight = 64;
     let worker = start_worker(settings, &actions);
-    kafka
+    let results = kafka
         .read_until(
             &kafka.results,
             "a result per event",
@@ -1182,6 +1182,32 @@ async fn events_with_one_key_reach_the_provider_in_produce_order_while_keys_over
         )
         .await;
     worker.stop().await;
+
+    // The next event of a key starts at the previous one's outcome, before
+    // its result is acknowledged: its result must still come after.
+    let mut results_by_key: BTreeMap<Vec<u8>, Vec<usize>> = BTreeMap::new();
+    for r in &results {
+        let i: usize = r
+            .event_id()
+            .trim_start_matches("ord-")
+            .parse()
+            .expect("an event id");
+        results_by_key
+            .entry(r.key.clone().expect("a keyed result"))
+            .or_default()
+            .push(i);
+    }
+    assert_eq!(results_by_key.len(), KEYS);
+    for (key, ids) in &results_by_key {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            ids,
+            &sorted,
+            "{}: result order",
+            String::from_utf8_lossy(key)
+        );
+    }
 
     let mut arrivals: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for s in provider.seen() {
