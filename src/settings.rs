@@ -39,11 +39,15 @@ pub struct KafkaSettings {
     pub producer: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// SPEC §6: which events run one after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
+    /// Events with the same Kafka key, in offset order
     Key,
+    /// All events of a partition, one at a time
     Partition,
+    /// No order
     None,
 }
 
@@ -130,10 +134,8 @@ impl Settings {
         if !config_dir.is_dir() {
             bail!("config directory {} does not exist", config_dir.display());
         }
-        let env: config::Map<String, String> = vars
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
+        // `with_prefix` below keeps only the JOURNEY_ACTIONS__ variables.
+        let env: config::Map<String, String> = vars.into_iter().collect();
         let built = config::Config::builder()
             .add_source(config::File::from(config_dir.join("default.toml")).required(false))
             .add_source(config::File::from(config_dir.join("local.toml")).required(false))

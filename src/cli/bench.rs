@@ -12,7 +12,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         mix: args.actions,
         ordering: args.ordering,
         keys: args.keys.unwrap_or(args.events).max(1),
-        sink_latency: args.sink_latency.parse().map_err(anyhow::Error::msg)?,
+        sink_latency: args.sink_latency,
         brokers: args.brokers.clone(),
         rate: args.rate,
         partitions: args.partitions.max(1),

@@ -59,7 +59,7 @@ pub enum Command {
     #[command(hide = true)]
     BenchSink {
         #[arg(long, default_value = "0ms")]
-        latency: String,
+        latency: crate::bench::sink::Latency,
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
@@ -92,15 +92,15 @@ pub struct BenchArgs {
     /// Which actions the events use
     #[arg(long, value_enum, default_value = "simple")]
     pub actions: crate::bench::Mix,
-    /// key | partition | none
-    #[arg(long, default_value = "key", value_parser = parse_ordering)]
+    /// Which events run one after another
+    #[arg(long, value_enum, default_value = "key")]
     pub ordering: crate::settings::Ordering,
     /// Distinct Kafka keys (profiles); default: one per event
     #[arg(long)]
     pub keys: Option<usize>,
     /// The sink's answer latency: 0ms, 5ms, or a range such as 1-20ms
     #[arg(long, default_value = "0ms")]
-    pub sink_latency: String,
+    pub sink_latency: crate::bench::sink::Latency,
     /// A real broker instead of the in-process mock cluster
     #[arg(long, value_name = "HOST:PORT")]
     pub brokers: Option<String>,
@@ -116,15 +116,6 @@ pub struct BenchArgs {
     /// Also write the figures as JSON
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-}
-
-fn parse_ordering(text: &str) -> Result<crate::settings::Ordering, String> {
-    match text {
-        "key" => Ok(crate::settings::Ordering::Key),
-        "partition" => Ok(crate::settings::Ordering::Partition),
-        "none" => Ok(crate::settings::Ordering::None),
-        other => Err(format!("`{other}` is not one of key, partition, none")),
-    }
 }
 
 #[derive(Debug, Args)]
@@ -155,11 +146,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run => run::run(&cli.config),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::BenchSink { latency, threads } => latency
-            .parse()
-            .map_err(anyhow::Error::msg)
-            .and_then(|l| crate::bench::sink::run_process(l, *threads))
-            .map(|()| ExitCode::SUCCESS),
+        Command::BenchSink { latency, threads } => {
+            crate::bench::sink::run_process(*latency, *threads).map(|()| ExitCode::SUCCESS)
+        }
         Command::Validate => validate::run(&cli.config),
         Command::Render(args) => render::run(&cli.config, args),
         Command::Send(args) => send::run(&cli.config, args),

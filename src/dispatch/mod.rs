@@ -189,17 +189,12 @@ impl Dispatcher {
             return Admission::Ready(Admitted::default());
         };
         match try_admit(&limits) {
-            Step::Admitted(permit) => Admission::Ready(Admitted {
-                limits: Some(limits),
-                permit,
-                throttle_wait: Duration::ZERO,
-            }),
-            Step::Capped => {
-                let outcome = no_outcome_yet();
+            Ok(admitted) => Admission::Ready(admitted),
+            Err(Blocked::Capped) => {
                 let refusal = Refusal::Capped(Duration::ZERO);
-                Admission::Refused(refuse(outcome, &limits, refusal))
+                Admission::Refused(refuse(no_outcome_yet(), &limits, refusal))
             }
-            Step::Wait { throttled } => Admission::Wait(Waiting { limits, throttled }),
+            Err(Blocked::Wait { throttled }) => Admission::Wait(Waiting { limits, throttled }),
         }
     }
 
@@ -211,13 +206,9 @@ impl Dispatcher {
         deadline: Option<DateTime<Utc>>,
     ) -> Result<Admitted, Outcome> {
         let Waiting { limits, throttled } = waiting;
-        match wait_admit(&limits, throttled, until_instant(deadline)).await {
-            Ok(admitted) => Ok(admitted),
-            Err(refusal) => {
-                let outcome = no_outcome_yet();
-                Err(refuse(outcome, &limits, refusal))
-            }
-        }
+        wait_admit(&limits, throttled, until_instant(deadline))
+            .await
+            .map_err(|refusal| refuse(no_outcome_yet(), &limits, refusal))
     }
 
     /// Runs a prepared event whose first attempt is admitted: the calls,
@@ -239,24 +230,14 @@ impl Dispatcher {
         let mut schedule = def.retry.schedule();
         let mut next = Some(first);
         loop {
+            // The first attempt comes admitted; each retry takes its own limits.
             let admitted = match (next.take(), &limits) {
                 (Some(admitted), _) => admitted,
                 (None, None) => Admitted::default(),
-                (None, Some(limits)) => {
-                    let admitted = match try_admit(limits) {
-                        Step::Admitted(permit) => Ok(Admitted {
-                            limits: None,
-                            permit,
-                            throttle_wait: Duration::ZERO,
-                        }),
-                        Step::Capped => Err(Refusal::Capped(Duration::ZERO)),
-                        Step::Wait { throttled } => wait_admit(limits, throttled, deadline).await,
-                    };
-                    match admitted {
-                        Ok(admitted) => admitted,
-                        Err(refusal) => return refuse(outcome, limits, refusal),
-                    }
-                }
+                (None, Some(limits)) => match admit_attempt(limits, deadline).await {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => return refuse(outcome, limits, refusal),
+                },
             };
             outcome.throttle_wait += admitted.throttle_wait;
             let _permit = admitted.permit;
@@ -567,10 +548,13 @@ pub enum Admission {
     Refused(Outcome),
 }
 
-enum Step {
-    Admitted(Option<OwnedSemaphorePermit>),
+/// Why an attempt's limits could not all be taken at once.
+enum Blocked {
     Capped,
-    Wait { throttled: bool },
+    /// `throttled`: the rate permit and the cap are taken; the bulkhead is not.
+    Wait {
+        throttled: bool,
+    },
 }
 
 enum Refusal {
@@ -581,21 +565,38 @@ enum Refusal {
 
 /// One attempt's limits, in order, as far as they go without waiting:
 /// rate (would wait), cap (rejects), bulkhead (would wait).
-fn try_admit(limits: &KeyLimits) -> Step {
+fn try_admit(limits: &Arc<KeyLimits>) -> Result<Admitted, Blocked> {
     if !limits.try_throttle() {
-        return Step::Wait { throttled: false };
+        return Err(Blocked::Wait { throttled: false });
     }
     if !limits.take_cap() {
-        return Step::Capped;
+        return Err(Blocked::Capped);
     }
-    match limits.try_enter() {
-        Slot::Unbounded => Step::Admitted(None),
-        Slot::Taken(permit) => Step::Admitted(Some(permit)),
-        Slot::Busy => Step::Wait { throttled: true },
+    let permit = match limits.try_enter() {
+        Slot::Unbounded => None,
+        Slot::Taken(permit) => Some(permit),
+        Slot::Busy => return Err(Blocked::Wait { throttled: true }),
+    };
+    Ok(Admitted {
+        limits: Some(limits.clone()),
+        permit,
+        throttle_wait: Duration::ZERO,
+    })
+}
+
+/// One attempt's limits, waiting as they demand, up to `deadline`.
+async fn admit_attempt(
+    limits: &Arc<KeyLimits>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Admitted, Refusal> {
+    match try_admit(limits) {
+        Ok(admitted) => Ok(admitted),
+        Err(Blocked::Capped) => Err(Refusal::Capped(Duration::ZERO)),
+        Err(Blocked::Wait { throttled }) => wait_admit(limits, throttled, deadline).await,
     }
 }
 
-/// The rest of one attempt's limits, waiting as they demand, up to `deadline`.
+/// The rest of one attempt's limits after [`try_admit`] was blocked.
 async fn wait_admit(
     limits: &Arc<KeyLimits>,
     throttled: bool,

@@ -560,22 +560,8 @@ struct Ready {
 }
 
 fn start(dispatcher: &Dispatcher, value: Option<&[u8]>, who: &mut Identity) -> Start {
-    let Some(value) = value else {
-        return Start::Done(Outcome::early(
-            OutcomeCode::InvalidEvent,
-            "the record has no value",
-        ));
-    };
-    let event = match ActionEvent::from_slice(value) {
-        Ok(event) => event,
-        Err(invalid) => {
-            *who = Identity::of_invalid(&invalid);
-            return Start::Done(Outcome::early(OutcomeCode::InvalidEvent, invalid.reason));
-        }
-    };
-    *who = Identity::of_event(&event);
-    let (def, request) = match dispatcher.prepare(&event) {
-        Ok(ready) => ready,
+    let (event, def, request) = match prepared(dispatcher, value, who) {
+        Ok(prepared) => prepared,
         Err(outcome) => return Start::Done(outcome),
     };
     match dispatcher.try_admit(&def) {
@@ -597,15 +583,31 @@ fn restart(
     value: Option<&[u8]>,
     first: Admitted,
 ) -> Result<Box<Ready>, Outcome> {
-    let event = ActionEvent::from_slice(value.unwrap_or_default())
-        .map_err(|invalid| Outcome::early(OutcomeCode::InvalidEvent, invalid.reason))?;
-    let (def, request) = dispatcher.prepare(&event)?;
+    let (event, def, request) = prepared(dispatcher, value, &mut Identity::default())?;
     Ok(Box::new(Ready {
         event,
         def,
         request,
         first,
     }))
+}
+
+/// The record's event, parsed, checked and rendered; `who` it is for, as far
+/// as the record says.
+fn prepared(
+    dispatcher: &Dispatcher,
+    value: Option<&[u8]>,
+    who: &mut Identity,
+) -> Result<(ActionEvent, Arc<ActionDefinition>, RenderedRequest), Outcome> {
+    let value = value
+        .ok_or_else(|| Outcome::early(OutcomeCode::InvalidEvent, "the record has no value"))?;
+    let event = ActionEvent::from_slice(value).map_err(|invalid| {
+        *who = Identity::of_invalid(&invalid);
+        Outcome::early(OutcomeCode::InvalidEvent, invalid.reason)
+    })?;
+    *who = Identity::of_event(&event);
+    let (def, request) = dispatcher.prepare(&event)?;
+    Ok((event, def, request))
 }
 
 /// Boxed: only admitted events carry the calls' state.
@@ -764,7 +766,7 @@ async fn deliver(
 /// group, and says early when one is missing (instead of at the first event).
 async fn warm_up(producer: FutureProducer, topics: Vec<String>) {
     for topic in topics.into_iter().filter(|t| !t.is_empty()) {
-        let (producer, topic) = (producer.clone(), topic.clone());
+        let producer = producer.clone();
         let found = tokio::task::spawn_blocking(move || {
             let metadata = producer
                 .client()
