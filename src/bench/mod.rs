@@ -93,8 +93,9 @@ pub struct EndToEnd {
     pub events: usize,
     pub seconds: f64,
     pub events_per_second: f64,
-    /// end-to-end / min(limit A, limit B).
-    pub ratio: f64,
+    /// end-to-end / min(limit A, limit B); none with `--rate` (the rate,
+    /// not the worker, sets the pace).
+    pub ratio: Option<f64>,
     /// Events consumed in the first `warmup_seconds` are left out of the
     /// latency figures below (only with `--rate`; 0 otherwise).
     pub warmup_seconds: f64,
@@ -160,7 +161,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         Some(b) => {
             settings.kafka.brokers = b.clone();
             let names: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
-            crate::demo::create_topics(b, &names).await?;
+            crate::demo::create_topics(b, &names, o.partitions).await?;
             None
         }
     };
@@ -221,8 +222,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     );
     let limit_http = http_limit(&actions, &events, o.concurrency).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
-    end_to_end.ratio =
-        end_to_end.events_per_second / limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
+    let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
+    end_to_end.ratio = o
+        .rate
+        .is_none()
+        .then(|| end_to_end.events_per_second / limit);
     // The simple mix has no invalid event and a sink that always answers 200:
     // anything but `ok` for every event is a fault, not a figure.
     if o.mix == Mix::Simple {
@@ -437,6 +441,7 @@ async fn end_to_end(
     reset_peak_rss();
     let cpu_before = cpu_seconds();
     let task = tokio::spawn(worker.run(stop.clone()));
+    let mut producing = None;
     if let Some(rate) = o.rate {
         while !ready.load(AtomicOrdering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -446,7 +451,7 @@ async fn end_to_end(
             settings.kafka.input_topic.clone(),
             events.to_vec(),
         );
-        tokio::spawn(produce_at_rate(brokers, topic, events, rate));
+        producing = Some(tokio::spawn(produce_at_rate(brokers, topic, events, rate)));
     }
     // Fail instead of hanging when events stop finishing.
     const STALL: Duration = Duration::from_secs(60);
@@ -455,6 +460,12 @@ async fn end_to_end(
         let done = finished.lock().map(|v| v.len()).unwrap_or(0);
         if done >= total {
             break;
+        }
+        if let Some(producer) = producing.take_if(|p| p.is_finished()) {
+            if let Err(e) = producer.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                stop.cancel();
+                return Err(e.context("producing at --rate"));
+            }
         }
         if done > last_done {
             (last_done, last_progress) = (done, Instant::now());
@@ -485,11 +496,6 @@ async fn end_to_end(
     for f in finished.iter() {
         *outcomes.entry(f.code.clone()).or_default() += 1;
     }
-    let sorted_ms = |durations: &mut dyn Iterator<Item = Duration>| {
-        let mut ms: Vec<f64> = durations.map(|d| d.as_secs_f64() * 1e3).collect();
-        ms.sort_by(f64::total_cmp);
-        ms
-    };
     let warmup = if o.rate.is_some() {
         RATE_WARMUP
     } else {
@@ -499,16 +505,16 @@ async fn end_to_end(
         .iter()
         .filter(|f| f.at - f.latency >= first_consumed + warmup)
         .collect();
-    let latencies = sorted_ms(&mut steady.iter().map(|f| f.latency));
-    let to_outcome = sorted_ms(&mut steady.iter().map(|f| f.to_outcome));
-    let all = sorted_ms(&mut finished.iter().map(|f| f.latency));
+    let latencies = sorted_ms(steady.iter().map(|f| f.latency));
+    let to_outcome = sorted_ms(steady.iter().map(|f| f.to_outcome));
+    let all = sorted_ms(finished.iter().map(|f| f.latency));
     let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
     let per_second = total as f64 / seconds.max(1e-9);
     Ok(EndToEnd {
         events: total,
         seconds,
         events_per_second: per_second,
-        ratio: 0.0, // set once the limits are measured
+        ratio: None, // set once the limits are measured
         warmup_seconds: warmup.as_secs_f64(),
         latency_events: latencies.len(),
         latency_ms: percentiles(&latencies, 0.0),
@@ -539,14 +545,11 @@ async fn produce_at_rate(
     topic: String,
     events: Vec<(String, Vec<u8>)>,
     rate: u32,
-) {
-    let Ok(producer) = rdkafka::ClientConfig::new()
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("linger.ms", "0")
-        .create::<FutureProducer>()
-    else {
-        return;
-    };
+        .create()?;
     let started = Instant::now();
     let mut sent = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -558,17 +561,24 @@ async fn produce_at_rate(
             let record = FutureRecord::to(&topic)
                 .key(k.as_str())
                 .payload(v.as_slice());
-            if let Err((e, _)) = producer.send_result(record) {
-                tracing::warn!(error = %e, "rate producer");
-                break;
+            match producer.send_result(record) {
+                Ok(_) => sent += 1,
+                // Try again at the next tick.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => break,
+                Err((e, _)) => return Err(e.into()),
             }
-            sent += 1;
         }
     }
-    let _ = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
     })
-    .await;
+    .await??;
+    Ok(())
 }
 
 fn limit(count: usize, elapsed: Duration) -> Limit {
@@ -581,7 +591,14 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
     }
 }
 
-fn percentiles(sorted_ms: &[f64], minus: f64) -> Percentiles {
+fn sorted_ms(durations: impl Iterator<Item = Duration>) -> Vec<f64> {
+    let mut ms: Vec<f64> = durations.map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+/// Nearest-rank percentiles of sorted milliseconds, each minus `minus` (≥ 0).
+pub fn percentiles(sorted_ms: &[f64], minus: f64) -> Percentiles {
     let at = |p: f64| {
         let i = ((sorted_ms.len() as f64 * p).ceil() as usize)
             .saturating_sub(1)
@@ -698,10 +715,10 @@ pub fn table(r: &Report) -> String {
     ] {
         out.push_str(&format!("{name:<28}{rate:>14.0}{cpu:>18.2}\n"));
     }
-    if r.rate.is_some() {
-        out.push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n");
-    } else {
-        out.push_str(&format!("\nratio end-to-end / min(A, B): {:.2}\n", e.ratio));
+    match e.ratio {
+        Some(ratio) => out.push_str(&format!("\nratio end-to-end / min(A, B): {ratio:.2}\n")),
+        None => out
+            .push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n"),
     }
     if e.warmup_seconds > 0.0 {
         out.push_str(&format!(

@@ -121,7 +121,8 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             settings.kafka.results_topic = format!("journey.actions.results.demo-{run}");
             settings.kafka.dlq_topic = format!("journey.actions.dlq.demo-{run}");
             let k = &settings.kafka;
-            create_topics(brokers, &[&k.input_topic, &k.results_topic, &k.dlq_topic]).await?;
+            let topics = [&*k.input_topic, &k.results_topic, &k.dlq_topic];
+            create_topics(brokers, &topics, PARTITIONS).await?;
             eprintln!(
                 "  broker {brokers}: topics {}, {}, {}",
                 k.input_topic, k.results_topic, k.dlq_topic
@@ -266,18 +267,12 @@ fn print_summary(t: &Tally, total: usize, elapsed: Duration) {
         println!("  {code:<16}{n:>8}");
     }
     println!("retries: {}   DLQ records: {}", t.retries, t.dlq);
-    let mut lat = t.latencies.clone();
-    lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
+    let mut ms: Vec<f64> = t.latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let p = crate::bench::percentiles(&ms, 0.0);
     println!(
         "event latency (consume → records acknowledged): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-        pct(0.50).as_secs_f64() * 1e3,
-        pct(0.99).as_secs_f64() * 1e3,
-        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        p.p50, p.p99, p.max
     );
 }
 
@@ -326,25 +321,27 @@ pub fn example_actions(
                 .or_insert_with(|| json!({}))
                 .as_object_mut()
         });
+        let mut remove_cap = false;
         if let Some(t) = throttle {
             t.entry("key").or_insert_with(|| json!(host));
-            let Some(factor) = rate_factor else {
-                t.retain(|k, _| k == "key");
-                spec.as_object_mut().map(|o| o.remove("cap"));
-                let file = actions_dir.join(name.replace(".yaml", ".json"));
-                std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;
-                continue;
-            };
-            if let Some((count, per)) = t
-                .get("rate")
-                .and_then(Value::as_str)
-                .and_then(|r| r.split_once('/'))
-            {
-                if let Ok(n) = count.parse::<u32>() {
-                    let raised = format!("{}/{per}", n * factor);
-                    t.insert("rate".into(), json!(raised));
+            match rate_factor {
+                None => {
+                    t.retain(|k, _| k == "key");
+                    remove_cap = true;
+                }
+                Some(factor) => {
+                    let rate = t.get("rate").and_then(Value::as_str);
+                    if let Some((count, per)) = rate.and_then(|r| r.split_once('/')) {
+                        if let Ok(n) = count.parse::<u32>() {
+                            let raised = format!("{}/{per}", n * factor);
+                            t.insert("rate".into(), json!(raised));
+                        }
+                    }
                 }
             }
+        }
+        if remove_cap {
+            spec.as_object_mut().map(|o| o.remove("cap"));
         }
         let file = actions_dir.join(name.replace(".yaml", ".json"));
         std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;
@@ -439,7 +436,7 @@ pub fn sample_events(total: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Creates topics on a real broker (an existing topic is fine).
-pub async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()> {
+pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -448,7 +445,7 @@ pub async fn create_topics(brokers: &str, topics: &[&str]) -> anyhow::Result<()>
         .context("creating the Kafka admin client")?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
     let results = admin
         .create_topics(
