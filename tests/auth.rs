@@ -348,7 +348,7 @@ async fn api_key_in_the_query_is_percent_encoded() {
         ]
     );
     let raw = got[0].url.query().expect("a query");
-    for reserved in ["&b", "=c", "+d", "#"] {
+    for reserved in ["&b", "=c", "+d"] {
         assert!(!raw.contains(reserved), "`{reserved}` unencoded in {raw}");
     }
     assert!(got[0].headers.get("authorization").is_none());
@@ -1572,7 +1572,7 @@ fn problems_do_not_leak_the_secret_they_are_about() {
         json!({}),
     ));
     let problems = fx.load().expect_err("a token with a newline is invalid");
-    assert_problem(&problems, "auth.token", "");
+    assert_problem(&problems, "auth.token", "not allowed in an HTTP header");
     for p in &problems {
         assert!(!p.to_string().contains("line-one-secret"), "{p}");
     }

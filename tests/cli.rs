@@ -782,13 +782,40 @@ fn validate_rejects_unknown_settings_keys_with_one_error_line() {
 fn help_works_for_every_verb() {
     let top = run(&["--help"]);
     assert_eq!(top.code, 0, "{top:#?}");
-    for verb in ["validate", "render", "send"] {
-        assert!(top.stdout.contains(verb), "{verb} missing from --help");
+    // The `Commands:` list, one verb per line.
+    let listed: Vec<&str> = top
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for verb in ["run", "demo", "bench", "validate", "render", "send"] {
+        assert!(
+            listed.contains(&verb),
+            "{verb} missing from --help: {listed:?}"
+        );
     }
+    assert!(!listed.contains(&"bench-sink"), "the sink's role is hidden");
     for (verb, flags) in [
-        ("validate", &["--config"][..]),
-        ("render", &["--action", "--event", "--config"][..]),
-        ("send", &["--action", "--event", "--config"][..]),
+        ("validate", &["--log-format"][..]),
+        ("render", &["--action", "--event"][..]),
+        ("send", &["--action", "--event"][..]),
+        ("demo", &["--events", "--exit", "--brokers"][..]),
+        (
+            "bench",
+            &[
+                "--events",
+                "--concurrency",
+                "--actions",
+                "--ordering",
+                "--sink-latency",
+                "--brokers",
+                "--rate",
+                "--json",
+            ][..],
+        ),
     ] {
         let run = run(&[verb, "--help"]);
         assert_eq!(run.code, 0, "{verb} --help: {run:#?}");
@@ -806,10 +833,51 @@ fn usage_errors_exit_2() {
         &["--no-such-flag", "validate"][..],
         &["render", "--event", "x.json"][..],
         &["no-such-verb"][..],
+        &["bench", "--sink-latency", "soon"][..],
+        &["bench", "--ordering", "random"][..],
     ] {
         let run = run(args);
         assert_eq!(run.code, 2, "{args:?}: {run:#?}");
         assert!(run.stdout.is_empty());
         assert!(!run.stderr.is_empty());
     }
+}
+
+// ---------------------------------------------------------------------------
+// configuration from the environment (SPEC §3)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn environment_variables_override_the_files_and_misspelt_ones_are_refused() {
+    // default.toml points at an empty directory; the environment points at
+    // the one holding a broken action, and validate must read that one.
+    let config = config_with(&[("broken.yaml", "id: broken\n")]);
+    let empty = config.path().join("nothing-here");
+    std::fs::create_dir(&empty).expect("mkdir");
+    std::fs::write(
+        config.path().join("default.toml"),
+        "[actions]\ndir = \"nothing-here\"\n",
+    )
+    .expect("write default.toml");
+    let args = ["--config", path_str(config.path()), "validate"];
+
+    let from_file = run(&args);
+    assert_eq!(from_file.code, 0, "the file's empty dir: {from_file:#?}");
+
+    let overridden = run_with_env(&args, &[("JOURNEY_ACTIONS__ACTIONS__DIR", "actions")]);
+    assert_eq!(overridden.code, 1, "{overridden:#?}");
+    assert!(overridden.stdout.contains("broken.yaml"), "{overridden:#?}");
+
+    let misspelt = run_with_env(&args, &[("JOURNEY_ACTIONS__DISPATCH__MAX_INFLIGHT", "3")]);
+    assert_eq!(misspelt.code, 1, "{misspelt:#?}");
+    assert_one_error_line(&misspelt);
+    assert!(
+        misspelt.stderr.contains("max_inflight"),
+        "{}",
+        misspelt.stderr
+    );
+
+    let zero = run_with_env(&args, &[("JOURNEY_ACTIONS__DISPATCH__MAX_IN_FLIGHT", "0")]);
+    assert_eq!(zero.code, 1, "{zero:#?}");
+    assert!(zero.stderr.contains("max_in_flight"), "{}", zero.stderr);
 }

@@ -1518,6 +1518,47 @@ async fn actions_sharing_a_throttle_key_share_one_budget() {
         .all(|o| o.limits_key.as_deref() == Some("shared-budget")));
 }
 
+#[tokio::test]
+async fn without_a_key_actions_on_one_host_share_the_budget_one_of_them_declares() {
+    let server = MockServer::start().await;
+    let (script, arrivals) = Scripted::new(vec![ResponseTemplate::new(200)]);
+    Mock::given(any())
+        .respond_with(script)
+        .expect(40)
+        .mount(&server)
+        .await;
+    // SPEC §4: the key defaults to the URL's host. Only one action declares
+    // the rate; the other, on the same host, has no throttle section at all.
+    let f = load(&[
+        action(
+            "declares",
+            &format!("{}/a", server.uri()),
+            json!({ "throttle": { "rate": "20/s", "burst": 1 } }),
+        ),
+        action("silent", &format!("{}/b", server.uri()), json!({})),
+    ]);
+    let events: Vec<ActionEvent> = (0..40)
+        .map(|i| event(if i % 2 == 0 { "declares" } else { "silent" }, json!({})))
+        .collect();
+
+    let outcomes = futures::future::join_all(events.iter().map(|e| f.dispatcher.execute(e))).await;
+
+    assert_eq!(count(&outcomes, OutcomeCode::Ok), 40, "{outcomes:#?}");
+    let at = arrivals_of(&arrivals);
+    let span = at[at.len() - 1] - at[0];
+    assert!(
+        span >= Duration::from_millis(1900),
+        "20 + 20 calls on one host's 20/s budget took only {span:?}: the host is not the key"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.limits_key.as_deref() == Some("127.0.0.1")),
+        "{:?}",
+        outcomes.iter().map(|o| &o.limits_key).collect::<Vec<_>>()
+    );
+}
+
 /// Counts the calls in flight at a slow provider (wiremock cannot see when
 /// a response is finished, so this one is a small axum server).
 #[derive(Default)]
