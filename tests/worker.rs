@@ -1135,23 +1135,29 @@ async fn every_failure_outcome_is_dead_lettered_byte_exact_with_ja_headers() {
         "result records: event id → (outcome, attempts)"
     );
 
-    // §7: every dead letter is counted.
-    let counted: u64 = expected_dead
-        .iter()
-        .map(|name| {
-            cases
-                .iter()
-                .find(|c| c.name == *name)
-                .expect("case")
-                .outcome
-        })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .map(|o| metrics.dlq.with_label_values(&[o]).get())
-        .sum();
-    assert_eq!(
-        counted, failures as u64,
-        "dlq_total counts every dead letter"
+    // §7: every dead letter is counted, under its own outcome.
+    let mut per_outcome: BTreeMap<&str, u64> = BTreeMap::new();
+    for name in &expected_dead {
+        let case = cases.iter().find(|c| c.name == *name).expect("case");
+        *per_outcome.entry(case.outcome).or_default() += 1;
+    }
+    for (outcome, n) in &per_outcome {
+        assert_eq!(
+            metrics.dlq.with_label_values(&[outcome]).get(),
+            *n,
+            "dlq_total{{outcome=\"{outcome}\"}}"
+        );
+    }
+    assert_eq!(per_outcome.values().sum::<u64>(), failures as u64);
+    // §7: the `action` label comes from the config, never from event data.
+    let exposition = metrics.render();
+    assert!(
+        !exposition.contains("fax_machine"),
+        "an unknown action id became a label:\n{exposition}"
+    );
+    assert!(
+        exposition.contains("action=\"-\""),
+        "unknown actions are counted under `-`"
     );
 }
 

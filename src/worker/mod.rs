@@ -518,10 +518,16 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
             }
         }
     };
-    let action = match who.action_id.as_deref() {
-        Some(id) if dispatcher.actions().get(id).is_some() => id.to_string(),
-        _ => UNKNOWN_ACTION.to_string(),
-    };
+    // The metrics' `action` label: only ids of loaded actions (SPEC §7).
+    // Every outcome but these two comes after the action was found.
+    let action = match (who.action_id.as_deref(), outcome.code) {
+        (Some(_), OutcomeCode::UnknownAction) | (None, _) => UNKNOWN_ACTION,
+        (Some(id), OutcomeCode::InvalidEvent) if dispatcher.actions().get(id).is_none() => {
+            UNKNOWN_ACTION
+        }
+        (Some(id), _) => id,
+    }
+    .to_string();
     let took = record.consumed_at.elapsed();
     ctx.metrics.record(&action, &outcome, took.as_secs_f64());
     if outcome.code.is_failure() {
