@@ -47,6 +47,9 @@ pub enum Mix {
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// The worker's settings; brokers, topics, group, `max_in_flight` and
+    /// ordering are replaced by the bench's own.
+    pub settings: Settings,
     pub events: usize,
     pub concurrency: usize,
     pub mix: Mix,
@@ -78,6 +81,20 @@ pub struct Limit {
     pub per_second: f64,
     /// CPU of this process (not the sink's) per 10 000 operations.
     pub cpu_seconds_per_10k: f64,
+    /// CPU of the sink process per 10 000 operations (limit A only).
+    pub sink_cpu_seconds_per_10k: Option<f64>,
+    /// Share of the machine's CPU time that was busy during the phase, and
+    /// the share the hypervisor took (steal), from `/proc/stat`.
+    pub machine: Option<MachineLoad>,
+}
+
+/// How busy the whole machine was during a phase (`/proc/stat`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MachineLoad {
+    /// Busy (user, system, interrupts) share of all cores' time, 0–1.
+    pub busy: f64,
+    /// Time the hypervisor gave to others (steal), share, 0–1.
+    pub steal: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,16 +118,22 @@ pub struct EndToEnd {
     pub warmup_seconds: f64,
     /// Events the latency figures are over.
     pub latency_events: usize,
-    /// Consume to outcome records acknowledged, milliseconds.
+    /// Consume to outcome (the HTTP call done, before its result record is
+    /// produced), milliseconds.
     pub latency_ms: Percentiles,
-    /// Latency minus the sink's own (its fixed or mean latency), milliseconds.
+    /// `latency_ms` minus the sink's own (its fixed or mean latency).
     pub added_latency_ms: Percentiles,
-    /// Consume to outcome (before its records are produced), milliseconds.
-    pub to_outcome_ms: Percentiles,
+    /// Consume to the outcome's records acknowledged by the broker (when the
+    /// offset may be committed), milliseconds.
+    pub acked_latency_ms: Percentiles,
     /// `latency_ms` over every event, warm-up included.
     pub all_latency_ms: Percentiles,
     pub peak_rss_mib: f64,
+    /// CPU of this process (worker and, by default, the mock cluster).
     pub cpu_seconds_per_10k: f64,
+    /// CPU of the sink process.
+    pub sink_cpu_seconds_per_10k: f64,
+    pub machine: Option<MachineLoad>,
     pub outcomes: BTreeMap<String, usize>,
 }
 
@@ -127,15 +150,26 @@ pub struct Report {
     pub broker: String,
     pub rate: Option<u32>,
     pub bulkhead: Option<u32>,
+    /// librdkafka settings given on top of the worker's defaults
+    /// (`[kafka.consumer]`, `[kafka.producer]`, and on the mock cluster
+    /// [`MOCK_FETCH_WAIT`]).
+    pub consumer_settings: BTreeMap<String, String>,
+    pub producer_settings: BTreeMap<String, String>,
     pub limit_http: Limit,
     pub limit_kafka: Limit,
     pub end_to_end: EndToEnd,
+    /// Parsing, checking and rendering one event, single thread, µs (what
+    /// an event costs on top of a bare HTTP call, before Kafka).
+    pub parse_render_us: f64,
+    /// The ratio the CPU allows when both limit A and end-to-end keep the
+    /// machine busy: CPU per call (this process + sink) over CPU per event.
+    pub cpu_bound_ratio: Option<f64>,
 }
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let o = &options;
     let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S%3f").to_string();
-    let mut settings = Settings::default();
+    let mut settings = o.settings.clone();
     settings.dispatch.max_in_flight = o.concurrency;
     settings.dispatch.ordering = o.ordering;
     settings.kafka.input_topic = format!("bench.input.{run_id}");
@@ -153,6 +187,16 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             let cluster =
                 MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
             settings.kafka.brokers = cluster.bootstrap_servers();
+            // The mock broker answers a fetch that finds no record only after
+            // the whole fetch.wait.max.ms, even if records arrive meanwhile
+            // (librdkafka's rdkafka_mock_handlers.c); a real broker answers
+            // as soon as they arrive. With the worker's 10 ms, a steady rate
+            // would reach the worker in bursts of 10 ms of events.
+            settings
+                .kafka
+                .consumer
+                .entry(MOCK_FETCH_WAIT.0.into())
+                .or_insert_with(|| MOCK_FETCH_WAIT.1.into());
             for t in topics {
                 cluster.create_topic(t, o.partitions, 1)?;
             }
@@ -208,7 +252,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     if o.rate.is_some() {
         e2e_settings.kafka.input_topic = rate_topic.clone();
     }
-    let mut end_to_end = end_to_end(e2e_settings, actions.clone(), &events, o).await?;
+    let mut end_to_end = end_to_end(e2e_settings, actions.clone(), &events, o, sink.pid()).await?;
     eprintln!(
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
@@ -220,7 +264,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  limit B (Kafka): {:>10.0} events/s",
         limit_kafka.per_second
     );
-    let limit_http = http_limit(&actions, &events, o.concurrency).await?;
+    let (limit_http, parse_render_us) =
+        http_limit(&actions, &events, o.concurrency, sink.pid()).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
     let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
     end_to_end.ratio = o
@@ -252,9 +297,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         broker: o.brokers.clone().unwrap_or_else(|| "mock".into()),
         rate: o.rate,
         bulkhead: o.bulkhead,
+        consumer_settings: settings.kafka.consumer.clone(),
+        producer_settings: settings.kafka.producer.clone(),
+        cpu_bound_ratio: cpu_bound_ratio(&limit_http, &end_to_end),
         limit_http,
         limit_kafka,
         end_to_end,
+        parse_render_us,
     };
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -262,6 +311,26 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     }
     Ok(report)
 }
+
+/// When limit A and the end-to-end phase both keep the machine's CPUs busy,
+/// their throughputs are in the inverse ratio of what a call and an event
+/// cost in CPU (this process + the sink): that is the most the ratio can be.
+/// `None` when either phase left the CPUs idle (then CPU is not the limit),
+/// or with `--rate`.
+fn cpu_bound_ratio(http: &Limit, e2e: &EndToEnd) -> Option<f64> {
+    const BUSY: f64 = 0.9;
+    let (a, e) = (http.machine?, e2e.machine?);
+    if e2e.ratio.is_none() || a.busy + a.steal < BUSY || e.busy + e.steal < BUSY {
+        return None;
+    }
+    let call = http.cpu_seconds_per_10k + http.sink_cpu_seconds_per_10k?;
+    let event = e2e.cpu_seconds_per_10k + e2e.sink_cpu_seconds_per_10k;
+    (event > 0.0).then(|| call / event)
+}
+
+/// The consumer's `fetch.wait.max.ms` on the mock cluster, unless the
+/// configuration sets one.
+pub const MOCK_FETCH_WAIT: (&str, &str) = ("fetch.wait.max.ms", "1");
 
 /// librdkafka's mock cluster keeps at most 5 MiB per partition and silently
 /// drops the oldest records beyond that: the bench would then wait for events
@@ -338,14 +407,17 @@ fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Limit A: the rendered requests sent with the worker's client settings at
-/// the worker's concurrency.
+/// the worker's concurrency. Also returns what parsing and rendering one
+/// event costs (µs, single thread), measured while the requests are made.
 async fn http_limit(
     actions: &ActionSet,
     events: &[(String, Vec<u8>)],
     concurrency: usize,
-) -> anyhow::Result<Limit> {
+    sink_pid: u32,
+) -> anyhow::Result<(Limit, f64)> {
     let client = client::build(None, Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
     let idempotency = reqwest::header::HeaderName::from_static("idempotency-key");
+    let rendering = Instant::now();
     let requests: Vec<_> = events
         .iter()
         .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
@@ -355,11 +427,12 @@ async fn http_limit(
                 .map(|(_, r)| r)
         })
         .collect();
+    let parse_render_us = rendering.elapsed().as_secs_f64() * 1e6 / events.len().max(1) as f64;
     anyhow::ensure!(!requests.is_empty(), "no event renders");
     let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
     let total = events.len();
-    let cpu = cpu_seconds();
+    let before = Snapshot::take(sink_pid);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(total) {
@@ -380,8 +453,15 @@ async fn http_limit(
         r??;
     }
     let mut measured = limit(total, started.elapsed());
-    measured.cpu_seconds_per_10k = (cpu_seconds() - cpu) / total as f64 * 10_000.0;
-    Ok(measured)
+    let used = before.since();
+    measured.cpu_seconds_per_10k = per_10k(used.own, total);
+    measured.sink_cpu_seconds_per_10k = Some(per_10k(used.sink, total));
+    measured.machine = used.machine;
+    Ok((measured, parse_render_us))
+}
+
+fn per_10k(seconds: f64, count: usize) -> f64 {
+    seconds / count.max(1) as f64 * 10_000.0
 }
 
 /// Limit B: the same events consumed with the worker's consumer settings.
@@ -418,6 +498,7 @@ async fn end_to_end(
     actions: Arc<ActionSet>,
     events: &[(String, Vec<u8>)],
     o: &BenchOptions,
+    sink_pid: u32,
 ) -> anyhow::Result<EndToEnd> {
     let total = events.len();
     let finished: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
@@ -439,19 +520,28 @@ async fn end_to_end(
     let ready = worker.ready_flag();
     let stop = CancellationToken::new();
     reset_peak_rss();
-    let cpu_before = cpu_seconds();
     let task = tokio::spawn(worker.run(stop.clone()));
+    // CPU is counted from the group join on: before it, the worker waits.
+    let join_deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.load(AtomicOrdering::Relaxed) {
+        if task.is_finished() || Instant::now() > join_deadline {
+            stop.cancel();
+            task.await??;
+            anyhow::bail!("end-to-end: the worker did not join its consumer group in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let before = Snapshot::take(sink_pid);
     let mut producing = None;
     if let Some(rate) = o.rate {
-        while !ready.load(AtomicOrdering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let (brokers, topic, events) = (
             settings.kafka.brokers.clone(),
             settings.kafka.input_topic.clone(),
             events.to_vec(),
         );
-        producing = Some(tokio::spawn(produce_at_rate(brokers, topic, events, rate)));
+        producing = Some(tokio::task::spawn_blocking(move || {
+            produce_at_rate(brokers, topic, events, rate)
+        }));
     }
     // Fail instead of hanging when events stop finishing.
     const STALL: Duration = Duration::from_secs(60);
@@ -475,7 +565,7 @@ async fn end_to_end(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let cpu = cpu_seconds() - cpu_before;
+    let used = before.since();
     let peak_rss_mib = peak_rss_mib();
     stop.cancel();
     task.await??;
@@ -505,9 +595,9 @@ async fn end_to_end(
         .iter()
         .filter(|f| f.at - f.latency >= first_consumed + warmup)
         .collect();
-    let latencies = sorted_ms(steady.iter().map(|f| f.latency));
-    let to_outcome = sorted_ms(steady.iter().map(|f| f.to_outcome));
-    let all = sorted_ms(finished.iter().map(|f| f.latency));
+    let latencies = sorted_ms(steady.iter().map(|f| f.to_outcome));
+    let acked = sorted_ms(steady.iter().map(|f| f.latency));
+    let all = sorted_ms(finished.iter().map(|f| f.to_outcome));
     let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
     let per_second = total as f64 / seconds.max(1e-9);
     Ok(EndToEnd {
@@ -519,10 +609,12 @@ async fn end_to_end(
         latency_events: latencies.len(),
         latency_ms: percentiles(&latencies, 0.0),
         added_latency_ms: percentiles(&latencies, sink_ms),
-        to_outcome_ms: percentiles(&to_outcome, 0.0),
+        acked_latency_ms: percentiles(&acked, 0.0),
         all_latency_ms: percentiles(&all, 0.0),
         peak_rss_mib,
-        cpu_seconds_per_10k: cpu / total as f64 * 10_000.0,
+        cpu_seconds_per_10k: per_10k(used.own, total),
+        sink_cpu_seconds_per_10k: per_10k(used.sink, total),
+        machine: used.machine,
         outcomes,
     })
 }
@@ -540,7 +632,10 @@ struct Seen {
     code: String,
 }
 
-async fn produce_at_rate(
+/// Produces the events at `rate` per second, in 1 ms steps, on a thread of
+/// its own: on the runtime, its ticks would come late whenever the worker
+/// keeps the runtime busy, and it would produce in bursts.
+fn produce_at_rate(
     brokers: String,
     topic: String,
     events: Vec<(String, Vec<u8>)>,
@@ -552,9 +647,11 @@ async fn produce_at_rate(
         .create()?;
     let started = Instant::now();
     let mut sent = 0usize;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut step = 0u32;
     while sent < events.len() {
-        tick.tick().await;
+        step += 1;
+        let next = started + Duration::from_millis(u64::from(step));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
         let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(events.len());
         while sent < due {
             let (k, v) = &events[sent];
@@ -563,7 +660,7 @@ async fn produce_at_rate(
                 .payload(v.as_slice());
             match producer.send_result(record) {
                 Ok(_) => sent += 1,
-                // Try again at the next tick.
+                // Try again at the next step.
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(
                         rdkafka::types::RDKafkaErrorCode::QueueFull,
@@ -574,10 +671,7 @@ async fn produce_at_rate(
             }
         }
     }
-    tokio::task::spawn_blocking(move || {
-        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))
-    })
-    .await??;
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -588,6 +682,8 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
         seconds,
         per_second: count as f64 / seconds.max(1e-9),
         cpu_seconds_per_10k: 0.0,
+        sink_cpu_seconds_per_10k: None,
+        machine: None,
     }
 }
 
@@ -611,6 +707,95 @@ pub fn percentiles(sorted_ms: &[f64], minus: f64) -> Percentiles {
         p999: at(0.999),
         max: at(1.0),
     }
+}
+
+/// CPU time of this process, of the sink and of the whole machine at one
+/// moment; [`Snapshot::since`] gives what a phase used.
+struct Snapshot {
+    own: f64,
+    sink: f64,
+    sink_pid: u32,
+    machine: Option<ProcStat>,
+}
+
+/// What a phase used, from two [`Snapshot`]s.
+struct Usage {
+    own: f64,
+    sink: f64,
+    machine: Option<MachineLoad>,
+}
+
+impl Snapshot {
+    fn take(sink_pid: u32) -> Snapshot {
+        Snapshot {
+            own: cpu_seconds(),
+            sink: process_cpu_seconds(sink_pid).unwrap_or(0.0),
+            sink_pid,
+            machine: ProcStat::read(),
+        }
+    }
+
+    fn since(&self) -> Usage {
+        let now = Snapshot::take(self.sink_pid);
+        let machine = match (&self.machine, &now.machine) {
+            (Some(a), Some(b)) if b.total > a.total => {
+                let total = (b.total - a.total) as f64;
+                Some(MachineLoad {
+                    busy: (b.busy - a.busy) as f64 / total,
+                    steal: (b.steal - a.steal) as f64 / total,
+                })
+            }
+            _ => None,
+        };
+        Usage {
+            own: now.own - self.own,
+            sink: (now.sink - self.sink).max(0.0),
+            machine,
+        }
+    }
+}
+
+/// The machine's CPU counters (all cores, clock ticks) from `/proc/stat`.
+struct ProcStat {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl ProcStat {
+    fn read() -> Option<ProcStat> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        // user nice system idle iowait irq softirq steal (guest is in user).
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = f[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq;
+        Some(ProcStat {
+            busy,
+            steal,
+            total: busy + idle + iowait + steal,
+        })
+    }
+}
+
+/// User + system CPU seconds of another process, from `/proc/PID/stat`.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
 fn cpu_seconds() -> f64 {
@@ -681,7 +866,7 @@ pub fn table(r: &Report) -> String {
         r.machine.cores, r.machine.memory_mib, r.machine.cpu, r.broker
     ));
     out.push_str(&format!(
-        "{} events, {} mix, concurrency {}, ordering {}, {} keys, {} partitions, sink latency {}{}\n\n",
+        "{} events, {} mix, concurrency {}, ordering {}, {} keys, {} partitions, sink latency {}{}\n",
         r.events,
         format!("{:?}", r.mix).to_lowercase(),
         r.concurrency,
@@ -692,51 +877,91 @@ pub fn table(r: &Report) -> String {
         r.rate.map(|x| format!(", produced at {x}/s")).unwrap_or_default()
             + &r.bulkhead.map(|b| format!(", throttle.max_concurrency {b}")).unwrap_or_default()
     ));
+    for (client, set) in [
+        ("consumer", &r.consumer_settings),
+        ("producer", &r.producer_settings),
+    ] {
+        if !set.is_empty() {
+            let list: Vec<String> = set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!("{client} settings: {}\n", list.join(" ")));
+        }
+    }
+    out.push('\n');
     out.push_str(&format!(
-        "{:<28}{:>14}{:>18}\n",
-        "phase", "per second", "CPU s per 10k"
+        "{:<28}{:>12}   {:>24}{:>8}   {}\n",
+        "phase", "per second", "CPU s per 10k: this proc.", "sink", "machine CPU busy"
     ));
-    for (name, rate, cpu) in [
+    let load = |m: Option<MachineLoad>| {
+        m.map(|m| format!("{:.0} % (steal {:.0} %)", m.busy * 100.0, m.steal * 100.0))
+            .unwrap_or_else(|| "–".into())
+    };
+    let sink = |c: Option<f64>| c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "–".into());
+    for (name, rate, cpu, sink_cpu, machine) in [
         (
             "limit A: HTTP to the sink",
             r.limit_http.per_second,
             r.limit_http.cpu_seconds_per_10k,
+            r.limit_http.sink_cpu_seconds_per_10k,
+            r.limit_http.machine,
         ),
         (
             "limit B: Kafka consume",
             r.limit_kafka.per_second,
             r.limit_kafka.cpu_seconds_per_10k,
+            None,
+            None,
         ),
         (
             "end-to-end worker",
             e.events_per_second,
             e.cpu_seconds_per_10k,
+            Some(e.sink_cpu_seconds_per_10k),
+            e.machine,
         ),
     ] {
-        out.push_str(&format!("{name:<28}{rate:>14.0}{cpu:>18.2}\n"));
+        out.push_str(&format!(
+            "{name:<28}{rate:>12.0}   {cpu:>24.2}{:>8}   {}\n",
+            sink(sink_cpu),
+            load(machine)
+        ));
     }
     match e.ratio {
         Some(ratio) => out.push_str(&format!("\nratio end-to-end / min(A, B): {ratio:.2}\n")),
         None => out
             .push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n"),
     }
+    if let (Some(bound), Some(sink_a)) = (r.cpu_bound_ratio, r.limit_http.sink_cpu_seconds_per_10k)
+    {
+        out.push_str(&format!(
+            "  both phases kept the CPUs busy, so the ratio is at most CPU per call / CPU per event\n  \
+             (this process + sink): ({:.2} + {:.2}) / ({:.2} + {:.2}) = {bound:.2}\n",
+            r.limit_http.cpu_seconds_per_10k, sink_a, e.cpu_seconds_per_10k, e.sink_cpu_seconds_per_10k
+        ));
+    }
+    out.push_str(&format!(
+        "  parsing and rendering one event alone: {:.1} µs (one thread)\n",
+        r.parse_render_us
+    ));
     if e.warmup_seconds > 0.0 {
         out.push_str(&format!(
             "latency over the {} events consumed after a {:.0} s warm-up (all {}: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms)\n",
             e.latency_events, e.warmup_seconds, e.events, e.all_latency_ms.p50, e.all_latency_ms.p99, e.all_latency_ms.max
         ));
     }
-    out.push_str(&format!(
-        "event latency (consume → records acked): p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
-        e.latency_ms.p50, e.latency_ms.p99, e.latency_ms.p999, e.latency_ms.max
+    let row = |name: &str, p: &Percentiles| {
+        format!(
+            "{name:<44}p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
+            p.p50, p.p99, p.p999, p.max
+        )
+    };
+    out.push_str(&row("event latency (consume → outcome):", &e.latency_ms));
+    out.push_str(&row(
+        "added over the sink's own latency:",
+        &e.added_latency_ms,
     ));
-    out.push_str(&format!(
-        "  of which consume → outcome:            p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n",
-        e.to_outcome_ms.p50, e.to_outcome_ms.p99, e.to_outcome_ms.p999, e.to_outcome_ms.max
-    ));
-    out.push_str(&format!(
-        "added over the sink's own latency:        p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms\n",
-        e.added_latency_ms.p50, e.added_latency_ms.p99, e.added_latency_ms.p999
+    out.push_str(&row(
+        "consume → result records acknowledged:",
+        &e.acked_latency_ms,
     ));
     out.push_str(&format!(
         "peak RSS {:.1} MiB   CPU {:.2} s per 10 000 events   outcomes {:?}\n",
@@ -751,6 +976,7 @@ mod tests {
 
     fn options(partitions: i32) -> BenchOptions {
         BenchOptions {
+            settings: Settings::default(),
             events: 0,
             concurrency: 1,
             mix: Mix::Simple,
@@ -774,6 +1000,62 @@ mod tests {
         assert!(refused.contains("--partitions 7"), "{refused}");
         assert!(fits_the_mock_cluster(&events, &options(7)).is_ok());
         assert!(fits_the_mock_cluster(&simple_events(50_000, 10_000), &options(6)).is_ok());
+    }
+
+    #[test]
+    fn another_process_cpu_and_the_machine_load_are_read_from_proc() {
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(60) {
+            std::hint::black_box(spin.elapsed());
+        }
+        let own = process_cpu_seconds(std::process::id()).expect("/proc/PID/stat");
+        assert!(own >= 0.05, "{own}");
+        assert!(process_cpu_seconds(u32::MAX).is_none());
+        let before = Snapshot::take(std::process::id());
+        while spin.elapsed() < Duration::from_millis(160) {
+            std::hint::black_box(spin.elapsed());
+        }
+        let used = before.since();
+        let load = used.machine.expect("/proc/stat");
+        assert!(load.busy > 0.0 && load.busy <= 1.0, "{load:?}");
+        assert!(used.own >= 0.05, "{}", used.own);
+    }
+
+    #[test]
+    fn the_cpu_bound_ratio_needs_both_phases_busy() {
+        let busy = |b| {
+            Some(MachineLoad {
+                busy: b,
+                steal: 0.0,
+            })
+        };
+        let mut http = limit(10_000, Duration::from_secs(1));
+        http.cpu_seconds_per_10k = 0.2;
+        http.sink_cpu_seconds_per_10k = Some(0.1);
+        http.machine = busy(0.99);
+        let e2e = |machine, ratio| EndToEnd {
+            events: 10_000,
+            seconds: 2.0,
+            events_per_second: 5_000.0,
+            ratio,
+            warmup_seconds: 0.0,
+            latency_events: 0,
+            latency_ms: percentiles(&[], 0.0),
+            added_latency_ms: percentiles(&[], 0.0),
+            acked_latency_ms: percentiles(&[], 0.0),
+            all_latency_ms: percentiles(&[], 0.0),
+            peak_rss_mib: 0.0,
+            cpu_seconds_per_10k: 0.5,
+            sink_cpu_seconds_per_10k: 0.1,
+            machine,
+            outcomes: BTreeMap::new(),
+        };
+        let bound = cpu_bound_ratio(&http, &e2e(busy(0.95), Some(0.5))).unwrap();
+        assert!((bound - 0.5).abs() < 1e-9, "{bound}");
+        assert!(cpu_bound_ratio(&http, &e2e(busy(0.5), Some(0.5))).is_none());
+        assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), None)).is_none());
+        http.machine = busy(0.6);
+        assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), Some(0.5))).is_none());
     }
 
     #[test]

@@ -229,6 +229,10 @@ impl SinkProcess {
             .ok_or_else(|| anyhow::anyhow!("the sink did not start: `{}`", line.trim()))?;
         Ok(SinkProcess { child, addr })
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for SinkProcess {

@@ -1,12 +1,23 @@
 //! `bench`: see `crate::bench`.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use super::BenchArgs;
 use crate::bench::{self, BenchOptions};
+use crate::settings::Settings;
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    // The worker's settings ([kafka.consumer], [kafka.producer], timeouts)
+    // from the configuration directory when there is one; bench sets the
+    // brokers, topics, group, max_in_flight and ordering itself.
+    let settings = if config.is_dir() {
+        Settings::load(config)?
+    } else {
+        Settings::default()
+    };
     let options = BenchOptions {
+        settings,
         events: args.events,
         concurrency: args.concurrency.max(1),
         mix: args.actions,

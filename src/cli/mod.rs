@@ -145,7 +145,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Run => run::run(&cli.config),
         Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(&cli.config, args),
         Command::BenchSink { latency, threads } => {
             crate::bench::sink::run_process(*latency, *threads).map(|()| ExitCode::SUCCESS)
         }
