@@ -835,6 +835,8 @@ fn usage_errors_exit_2() {
         &["no-such-verb"][..],
         &["bench", "--sink-latency", "soon"][..],
         &["bench", "--ordering", "random"][..],
+        &["bench", "--rate", "fast"][..],
+        &["bench", "--rate", "0"][..],
     ] {
         let run = run(args);
         assert_eq!(run.code, 2, "{args:?}: {run:#?}");

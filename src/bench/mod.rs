@@ -45,6 +45,31 @@ pub enum Mix {
     Examples,
 }
 
+/// How fast `--rate` produces the end-to-end events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    PerSecond(u32),
+    /// Half of what the end-to-end phase reaches at full speed in the same
+    /// run (measured first).
+    HalfOfMax,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        if text == "half" {
+            return Ok(Rate::HalfOfMax);
+        }
+        match text.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Rate::PerSecond(n)),
+            _ => Err(format!(
+                "`{text}`: expected events per second (a whole number above 0) or `half`"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// The worker's settings; brokers, topics, group, `max_in_flight` and
@@ -59,7 +84,7 @@ pub struct BenchOptions {
     pub sink_latency: Latency,
     pub brokers: Option<String>,
     /// Produce the end-to-end events at this rate instead of beforehand.
-    pub rate: Option<u32>,
+    pub rate: Option<Rate>,
     pub partitions: i32,
     /// `throttle.max_concurrency` of the simple action: events beyond it are
     /// held without an HTTP connection.
@@ -148,7 +173,11 @@ pub struct Report {
     pub partitions: i32,
     pub sink_latency: String,
     pub broker: String,
+    /// The rate the end-to-end events were produced at (events/s).
     pub rate: Option<u32>,
+    /// With `--rate half`: the end-to-end phase at full speed, run first;
+    /// `rate` is half of its events/s.
+    pub full_speed: Option<EndToEnd>,
     pub bulkhead: Option<u32>,
     /// librdkafka settings given on top of the worker's defaults
     /// (`[kafka.consumer]`, `[kafka.producer]`, and on the mock cluster
@@ -247,12 +276,31 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
 
     // End-to-end first, so its memory peak is not inflated by what the limit
     // phases leave allocated (10 000 sink connections, for one).
+    let mut full_speed = match o.rate {
+        Some(Rate::HalfOfMax) => {
+            let mut full = settings.clone();
+            full.kafka.group_id = format!("bench-full-{run_id}");
+            let run = end_to_end(full, actions.clone(), &events, o, None, sink.pid()).await?;
+            eprintln!(
+                "  end-to-end at full speed: {:>10.0} events/s",
+                run.events_per_second
+            );
+            Some(run)
+        }
+        _ => None,
+    };
+    let rate = match (o.rate, &full_speed) {
+        (Some(Rate::PerSecond(n)), _) => Some(n),
+        (Some(Rate::HalfOfMax), Some(full)) => Some(((full.events_per_second / 2.0) as u32).max(1)),
+        _ => None,
+    };
     let mut e2e_settings = settings.clone();
     e2e_settings.kafka.group_id = format!("bench-e2e-{run_id}");
-    if o.rate.is_some() {
+    if rate.is_some() {
         e2e_settings.kafka.input_topic = rate_topic.clone();
     }
-    let mut end_to_end = end_to_end(e2e_settings, actions.clone(), &events, o, sink.pid()).await?;
+    let mut end_to_end =
+        end_to_end(e2e_settings, actions.clone(), &events, o, rate, sink.pid()).await?;
     eprintln!(
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
@@ -268,24 +316,28 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         http_limit(&actions, &events, o.concurrency, sink.pid()).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
     let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
-    end_to_end.ratio = o
-        .rate
-        .is_none()
-        .then(|| end_to_end.events_per_second / limit);
+    end_to_end.ratio = rate.is_none().then(|| end_to_end.events_per_second / limit);
+    if let Some(full) = &mut full_speed {
+        full.ratio = Some(full.events_per_second / limit);
+    }
     // The simple mix has no invalid event and a sink that always answers 200:
     // anything but `ok` for every event is a fault, not a figure.
     if o.mix == Mix::Simple {
-        let ok = end_to_end.outcomes.get("ok").copied().unwrap_or(0);
-        anyhow::ensure!(
-            ok == o.events,
-            "end-to-end: {ok} of {} events ok; outcomes {:?}",
-            o.events,
-            end_to_end.outcomes
-        );
+        for run in std::iter::once(&end_to_end).chain(&full_speed) {
+            let ok = run.outcomes.get("ok").copied().unwrap_or(0);
+            anyhow::ensure!(
+                ok == o.events,
+                "end-to-end: {ok} of {} events ok; outcomes {:?}",
+                o.events,
+                run.outcomes
+            );
+        }
     }
     drop(sink);
 
+    let cpu_bound_ratio = cpu_bound_ratio(&limit_http, full_speed.as_ref().unwrap_or(&end_to_end));
     let report = Report {
+        cpu_bound_ratio,
         machine: machine(),
         events: o.events,
         concurrency: o.concurrency,
@@ -295,11 +347,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         partitions: o.partitions,
         sink_latency: o.sink_latency.to_string(),
         broker: o.brokers.clone().unwrap_or_else(|| "mock".into()),
-        rate: o.rate,
+        rate,
+        full_speed,
         bulkhead: o.bulkhead,
         consumer_settings: settings.kafka.consumer.clone(),
         producer_settings: settings.kafka.producer.clone(),
-        cpu_bound_ratio: cpu_bound_ratio(&limit_http, &end_to_end),
+
         limit_http,
         limit_kafka,
         end_to_end,
@@ -498,6 +551,7 @@ async fn end_to_end(
     actions: Arc<ActionSet>,
     events: &[(String, Vec<u8>)],
     o: &BenchOptions,
+    rate: Option<u32>,
     sink_pid: u32,
 ) -> anyhow::Result<EndToEnd> {
     let total = events.len();
@@ -533,7 +587,7 @@ async fn end_to_end(
     }
     let before = Snapshot::take(sink_pid);
     let mut producing = None;
-    if let Some(rate) = o.rate {
+    if let Some(rate) = rate {
         let (brokers, topic, events) = (
             settings.kafka.brokers.clone(),
             settings.kafka.input_topic.clone(),
@@ -586,7 +640,7 @@ async fn end_to_end(
     for f in finished.iter() {
         *outcomes.entry(f.code.clone()).or_default() += 1;
     }
-    let warmup = if o.rate.is_some() {
+    let warmup = if rate.is_some() {
         RATE_WARMUP
     } else {
         Duration::ZERO
@@ -896,7 +950,8 @@ pub fn table(r: &Report) -> String {
             .unwrap_or_else(|| "–".into())
     };
     let sink = |c: Option<f64>| c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "–".into());
-    for (name, rate, cpu, sink_cpu, machine) in [
+    let at_rate = r.rate.map(|n| format!("end-to-end at {n}/s"));
+    let mut rows = vec![
         (
             "limit A: HTTP to the sink",
             r.limit_http.per_second,
@@ -911,22 +966,38 @@ pub fn table(r: &Report) -> String {
             None,
             None,
         ),
-        (
-            "end-to-end worker",
-            e.events_per_second,
-            e.cpu_seconds_per_10k,
-            Some(e.sink_cpu_seconds_per_10k),
-            e.machine,
-        ),
-    ] {
+    ];
+    if let Some(full) = &r.full_speed {
+        rows.push((
+            "end-to-end at full speed",
+            full.events_per_second,
+            full.cpu_seconds_per_10k,
+            Some(full.sink_cpu_seconds_per_10k),
+            full.machine,
+        ));
+    }
+    rows.push((
+        at_rate.as_deref().unwrap_or("end-to-end worker"),
+        e.events_per_second,
+        e.cpu_seconds_per_10k,
+        Some(e.sink_cpu_seconds_per_10k),
+        e.machine,
+    ));
+    for (name, rate, cpu, sink_cpu, machine) in rows {
         out.push_str(&format!(
             "{name:<28}{rate:>12.0}   {cpu:>24.2}{:>8}   {}\n",
             sink(sink_cpu),
             load(machine)
         ));
     }
-    match e.ratio {
-        Some(ratio) => out.push_str(&format!("\nratio end-to-end / min(A, B): {ratio:.2}\n")),
+    let ratio = e
+        .ratio
+        .map(|x| (x, ""))
+        .or_else(|| Some((r.full_speed.as_ref()?.ratio?, " (full speed)")));
+    match ratio {
+        Some((ratio, which)) => out.push_str(&format!(
+            "\nratio end-to-end{which} / min(A, B): {ratio:.2}\n"
+        )),
         None => out
             .push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n"),
     }
@@ -1056,6 +1127,15 @@ mod tests {
         assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), None)).is_none());
         http.machine = busy(0.6);
         assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), Some(0.5))).is_none());
+    }
+
+    #[test]
+    fn rates_are_events_per_second_or_half() {
+        assert_eq!("15000".parse::<Rate>(), Ok(Rate::PerSecond(15_000)));
+        assert_eq!("half".parse::<Rate>(), Ok(Rate::HalfOfMax));
+        for bad in ["0", "-5", "1.5", "fast", ""] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
     }
 
     #[test]

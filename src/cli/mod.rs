@@ -104,9 +104,9 @@ pub struct BenchArgs {
     /// A real broker instead of the in-process mock cluster
     #[arg(long, value_name = "HOST:PORT")]
     pub brokers: Option<String>,
-    /// Produce the end-to-end events at this many per second (latency at a given load; the events consumed in the first second are left out of the latency figures and reported apart)
-    #[arg(long)]
-    pub rate: Option<u32>,
+    /// Produce the end-to-end events at this many per second, or `half`: first run end-to-end at full speed, then at half of what it reached (latency at a given load; the events consumed in the first second are left out of the latency figures and reported apart)
+    #[arg(long, value_name = "PER_SECOND|half")]
+    pub rate: Option<crate::bench::Rate>,
     /// Give the simple action `throttle.max_concurrency: N` (events beyond N wait without a connection)
     #[arg(long, value_name = "N")]
     pub max_concurrency: Option<u32>,
