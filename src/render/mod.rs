@@ -6,6 +6,7 @@
 //! by one and serialised by `serde_json`, so event data can never change the
 //! shape of the JSON, the host of the URL, or the set of headers.
 
+pub mod fast;
 pub mod template;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use url::Url;
 
 use crate::action::secret::{self, Part};
 use crate::event::ActionEvent;
+use fast::Found;
 pub use template::{EvalError as RenderError, Leaf, Templates};
 
 /// What an optional parameter that the event does not carry becomes in a
@@ -136,7 +138,7 @@ impl RequestTemplate {
         secrets_out: &mut Vec<secrecy::SecretString>,
     ) -> Result<Self, Vec<Problem>> {
         let mut c = Compiler {
-            templates: Templates::new(),
+            templates: Templates::with_fast_paths(EVENT_ROOTS),
             parameters: &spec.parameters,
             secret_base: spec.secret_base,
             secret_values: Vec::new(),
@@ -230,11 +232,12 @@ impl RequestTemplate {
         missing: &[&str],
         idempotency: Option<&HeaderName>,
     ) -> Result<RenderedRequest, RenderError> {
-        let ctx = Value::from_serialize(Context {
+        let ctx = EventScope {
             event,
             missing,
             secrets: &self.secrets,
-        });
+            context: std::sync::OnceLock::new(),
+        };
 
         let path = self.templates.text(&self.path, &ctx)?.unwrap_or_default();
         check_path(&path)?;
@@ -303,12 +306,17 @@ impl RequestTemplate {
     }
 
     /// Writes `node` as JSON; returns false when it was omitted (`none` with `null_values: omit`).
-    fn write_node(&self, node: &Node, ctx: &Value, buf: &mut Vec<u8>) -> Result<bool, RenderError> {
+    fn write_node(
+        &self,
+        node: &Node,
+        ctx: &EventScope<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, RenderError> {
         match node {
             Node::Const(bytes) => buf.extend_from_slice(bytes),
             Node::Leaf(leaf) => {
                 let value = match leaf {
-                    Leaf::Text(_) => self.templates.text(leaf, ctx)?.map(Value::from),
+                    Leaf::Text(..) => self.templates.text(leaf, ctx)?.map(Value::from),
                     _ => self.templates.eval(leaf, ctx)?,
                 };
                 match value {
@@ -362,7 +370,7 @@ impl RequestTemplate {
 fn leaf_name(leaf: &Leaf) -> String {
     match leaf {
         Leaf::Const(_) => "payload".into(),
-        Leaf::Expr(n) | Leaf::Text(n) => n.clone(),
+        Leaf::Expr(n, _) | Leaf::Text(n, _) => n.clone(),
     }
 }
 
@@ -551,7 +559,7 @@ impl Compiler<'_> {
                 if template::has_syntax(s) || s.contains("${env:") || s.contains("${file:") =>
             {
                 match self.leaf(field, s) {
-                    Some((leaf @ (Leaf::Expr(_) | Leaf::Text(_)), _)) => Node::Leaf(leaf),
+                    Some((leaf @ (Leaf::Expr(..) | Leaf::Text(..)), _)) => Node::Leaf(leaf),
                     Some((Leaf::Const(c), _)) => {
                         Node::Const(serde_json::to_vec(&c).unwrap_or_default())
                     }
@@ -630,6 +638,77 @@ struct Context<'a> {
     secrets: &'a Value,
 }
 
+/// One event as the leaves see it: looked up directly by planned leaves,
+/// converted into the template context only if a leaf needs the engine.
+struct EventScope<'a> {
+    event: &'a ActionEvent,
+    missing: &'a [&'a str],
+    secrets: &'a Value,
+    context: std::sync::OnceLock<Value>,
+}
+
+impl fast::Scope for EventScope<'_> {
+    fn find(&self, path: &[String]) -> Found<'_> {
+        let Some((root, rest)) = path.split_first() else {
+            return Found::Unknown;
+        };
+        let e = self.event;
+        fn text<'s>(s: Option<&'s String>, rest: &[String]) -> Found<'s> {
+            match (s, rest) {
+                (Some(s), []) => Found::Str(s),
+                _ => Found::Unknown,
+            }
+        }
+        let map = match root.as_str() {
+            "event_id" => return text(Some(&e.event_id), rest),
+            "action_id" => return text(Some(&e.action_id), rest),
+            "profile_id" => return text(Some(&e.profile_id), rest),
+            "emitted_at" => return text(e.emitted_at.as_ref(), rest),
+            "expires_at" => return text(e.expires_at.as_ref(), rest),
+            "journey" => e.journey.as_ref(),
+            "context" => e.context.as_ref(),
+            "params" => {
+                // A declared optional parameter the event lacks is `none`.
+                if let [key] = rest {
+                    if !e.params.contains_key(key) && self.missing.contains(&key.as_str()) {
+                        return Found::None;
+                    }
+                }
+                Some(&e.params)
+            }
+            _ => None,
+        };
+        match (map, rest) {
+            (Some(map), [_, ..]) => find_in(map, rest),
+            _ => Found::Unknown,
+        }
+    }
+
+    fn context(&self) -> &Value {
+        self.context.get_or_init(|| {
+            Value::from_serialize(Context {
+                event: self.event,
+                missing: self.missing,
+                secrets: self.secrets,
+            })
+        })
+    }
+}
+
+/// `path` (not empty) inside a JSON object.
+fn find_in<'a>(map: &'a Map<String, serde_json::Value>, path: &[String]) -> Found<'a> {
+    let (key, deeper) = match path.split_first() {
+        Some(split) => split,
+        None => return Found::Unknown,
+    };
+    match (map.get(key), deeper) {
+        (Some(value), []) => Found::Json(value),
+        (Some(serde_json::Value::Object(inner)), _) => find_in(inner, deeper),
+        (None, []) => Found::Missing,
+        _ => Found::Unknown,
+    }
+}
+
 struct Params<'a> {
     given: &'a Map<String, serde_json::Value>,
     missing: &'a [&'a str],
@@ -678,5 +757,126 @@ impl Serialize for Context<'_> {
         }
         map.serialize_entry(SECRETS_ROOT, self.secrets)?;
         map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast::{Fast, Scope};
+    use super::*;
+    use serde_json::json;
+
+    /// Every planned leaf that the shortcut answers must give exactly what
+    /// the template engine gives for the same event: same value (same JSON,
+    /// same text), and `none` where the engine says `none`.
+    #[test]
+    fn the_shortcut_answers_exactly_as_the_template_engine() {
+        let events = [
+            json!({
+                "event_id": "e-1", "action_id": "a", "profile_id": "p/1 é",
+                "journey": { "id": "welcome", "version": 3, "step": { "id": "s1", "n": null } },
+                "params": { "a": "acme/x y?z#é", "n": 42, "neg": -7, "f": 12.5, "whole": 12.0,
+                            "big": 18446744073709551615u64, "b": true, "nul": null,
+                            "list": ["vip", 1, false, null], "obj": { "k": "v", "deep": { "x": 1 } },
+                            "empty": "" },
+                "context": { "locale": "fr" },
+                "emitted_at": "2026-11-23T12:00:00Z", "expires_at": "2036-11-23T18:00:00Z"
+            }),
+            json!({ "event_id": "e-2", "action_id": "a", "profile_id": "p", "params": {} }),
+        ];
+        let sources = [
+            "{{ params.a }}",
+            "{{ params.n }}",
+            "{{ params.neg }}",
+            "{{ params.f }}",
+            "{{ params.whole }}",
+            "{{ params.big }}",
+            "{{ params.b }}",
+            "{{ params.nul }}",
+            "{{ params.nul | default('d') }}",
+            "{{ params.list }}",
+            "{{ params.obj }}",
+            "{{ params.obj.k }}",
+            "{{ params.obj.deep }}",
+            "{{ params.obj.deep.x }}",
+            "{{ params.obj.nope | d('z') }}",
+            "{{ params.obj.k.x }}",
+            "{{ params.empty | default('e') }}",
+            "{{ params.opt }}",
+            "{{ params.opt | default('there') }}",
+            "{{ params.undeclared }}",
+            "{{ params.undeclared | default('u') }}",
+            "{{ params.a.b }}",
+            "{{ journey.id }}",
+            "{{ journey.version }}",
+            "{{ journey.step.n }}",
+            "{{ journey.step.n | default(\"n\") }}",
+            "{{ journey.nope | default('j') }}",
+            "{{ context.locale | default('en') }}",
+            "{{ context.nope }}",
+            "{{ event_id }}",
+            "{{ profile_id }}",
+            "{{ emitted_at }}",
+            "{{ expires_at | default('never') }}",
+            "{{ event_id.x }}",
+            "Hello {{ params.opt | default('there') }}, {{ params.a }}!",
+            "{{ params.n }}/{{ params.f }}/{{ params.b }}/{{ params.list }}/{{ params.obj }}/{{ params.nul }}",
+            "x{{ params.opt }}y{{ params.empty }}z",
+            "/v1/{{ params.a }}/{{ params.f }}/{{ params.b }}/{{ params.list }}",
+            "id={{ journey.id }} step={{ journey.step.id | default('-') }}",
+        ];
+        let missing = ["opt"];
+        let secrets = Value::from(());
+        let (mut answered, mut compared) = (0, 0);
+        for event in &events {
+            let event = ActionEvent::from_value(event.clone()).unwrap();
+            let scope = EventScope {
+                event: &event,
+                missing: &missing,
+                secrets: &secrets,
+                context: std::sync::OnceLock::new(),
+            };
+            for (i, source) in sources.iter().enumerate() {
+                for name in [format!("payload.f{i}"), format!("endpoint.url.{i}")] {
+                    let mut templates = Templates::with_fast_paths(EVENT_ROOTS);
+                    let leaf = templates.add(&name, source).unwrap();
+                    let (Leaf::Expr(_, fast) | Leaf::Text(_, fast)) = &leaf else {
+                        panic!("{source}: not templated")
+                    };
+                    let fast = fast
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("{source}: not planned"));
+                    compared += 1;
+                    let engine_value = templates.eval(&leaf, scope.context());
+                    let engine_text = templates.text(&leaf, scope.context());
+                    let shortcut_value = match fast {
+                        Fast::Value(lookup) => lookup.eval(&scope).ok(),
+                        Fast::Text { .. } => fast.text(&scope).ok().map(|t| Some(Value::from(t))),
+                    };
+                    let Some(shortcut_value) = shortcut_value else {
+                        // Left to the engine: only where the engine fails or the
+                        // path leads through a non-object.
+                        continue;
+                    };
+                    answered += 1;
+                    let engine_value = engine_value.unwrap_or_else(|e| {
+                        panic!("{name} `{source}`: shortcut {shortcut_value:?}, engine error {e}")
+                    });
+                    let json =
+                        |v: &Option<Value>| v.as_ref().map(|v| serde_json::to_string(v).unwrap());
+                    assert_eq!(
+                        json(&shortcut_value),
+                        json(&engine_value),
+                        "{name} `{source}`"
+                    );
+                    let shortcut_text = templates.text(&leaf, &scope).unwrap();
+                    assert_eq!(shortcut_text, engine_text.unwrap(), "{name} `{source}`");
+                }
+            }
+        }
+        assert!(
+            answered > 80,
+            "the shortcut answered {answered} of {compared}"
+        );
     }
 }

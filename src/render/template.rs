@@ -13,9 +13,11 @@ use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use super::fast::{self, Fast, Scope};
+
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included,
 /// so one expression always stays one path segment.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
@@ -29,15 +31,26 @@ const URL_ESCAPE: &str = "url-path";
 /// The variable the single-expression wrapper assigns.
 const RESULT_VAR: &str = "__ja_value";
 
-/// A compiled leaf of a definition.
+/// A compiled leaf of a definition: its template's name, and the plan that
+/// evaluates it without the engine when it is simple enough.
 #[derive(Debug, Clone)]
 pub enum Leaf {
     /// No template syntax: used as written.
     Const(String),
     /// Exactly one `{{ expression }}`: evaluates to a typed value.
-    Expr(String),
+    Expr(String, Option<Fast>),
     /// Text mixed with expressions or statements: renders to a string.
-    Text(String),
+    Text(String, Option<Fast>),
+}
+
+impl Leaf {
+    /// The template's name (the field it came from); `None` for constants.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Leaf::Const(_) => None,
+            Leaf::Expr(n, _) | Leaf::Text(n, _) => Some(n),
+        }
+    }
 }
 
 /// A template that did not compile, with its position inside the leaf.
@@ -57,6 +70,8 @@ pub struct EvalError {
 
 pub struct Templates {
     env: Environment<'static>,
+    /// The variables that leaves may read without the engine (see `fast`).
+    fast_roots: &'static [&'static str],
 }
 
 impl std::fmt::Debug for Templates {
@@ -125,7 +140,19 @@ impl Templates {
                 value
             }
         });
-        Self { env }
+        Self {
+            env,
+            fast_roots: &[],
+        }
+    }
+
+    /// Like [`Templates::new`], and simple leaves that read only `roots`
+    /// are also planned for evaluation without the engine (see `fast`).
+    pub fn with_fast_paths(roots: &'static [&'static str]) -> Self {
+        Self {
+            fast_roots: roots,
+            ..Self::new()
+        }
     }
 
     /// Compiles `source` as the leaf named `name`.
@@ -133,12 +160,22 @@ impl Templates {
         if !has_syntax(source) {
             return Ok(Leaf::Const(source.to_string()));
         }
+        let roots = self.fast_roots;
         let (wrapped, leaf) = match single_expression(source) {
             Some(expr) if !name.starts_with(URL_PATH_PREFIX) => (
                 format!("{{% set {RESULT_VAR} = ({expr}) %}}"),
-                Leaf::Expr(name.to_string()),
+                Leaf::Expr(
+                    name.to_string(),
+                    fast::plan_expression(expr, roots).map(Fast::Value),
+                ),
             ),
-            _ => (source.to_string(), Leaf::Text(name.to_string())),
+            _ => (
+                source.to_string(),
+                Leaf::Text(
+                    name.to_string(),
+                    fast::plan_text(source, roots, name.starts_with(URL_PATH_PREFIX)),
+                ),
+            ),
         };
         self.env
             .add_template_owned(name.to_string(), wrapped)
@@ -155,9 +192,8 @@ impl Templates {
     /// The variables a leaf reads that it does not define itself, as dotted
     /// paths (`params.phone`, `journey.id`, `params`).
     pub fn variables(&self, leaf: &Leaf) -> HashSet<String> {
-        let name = match leaf {
-            Leaf::Const(_) => return HashSet::new(),
-            Leaf::Expr(n) | Leaf::Text(n) => n,
+        let Some(name) = leaf.name() else {
+            return HashSet::new();
         };
         match self.env.get_template(name) {
             Ok(t) => t.undeclared_variables(true),
@@ -166,13 +202,22 @@ impl Templates {
     }
 
     /// Evaluates a leaf to a value; `Ok(None)` means `none`.
-    pub fn eval(&self, leaf: &Leaf, ctx: &Value) -> Result<Option<Value>, EvalError> {
+    pub fn eval<S: Scope + ?Sized>(
+        &self,
+        leaf: &Leaf,
+        scope: &S,
+    ) -> Result<Option<Value>, EvalError> {
         match leaf {
             Leaf::Const(s) => Ok(Some(Value::from(s.as_str()))),
-            Leaf::Expr(name) => {
+            Leaf::Expr(name, fast) => {
+                if let Some(Fast::Value(lookup)) = fast {
+                    if let Ok(value) = lookup.eval(scope) {
+                        return Ok(value);
+                    }
+                }
                 let template = self.template(name)?;
                 let captured = template
-                    .render_captured(ctx)
+                    .render_captured(scope.context())
                     .map_err(|e| eval_error(name, &e))?;
                 match captured.state().lookup(RESULT_VAR) {
                     Some(v) if v.is_undefined() => Err(EvalError {
@@ -187,17 +232,33 @@ impl Templates {
                     }),
                 }
             }
-            Leaf::Text(name) => Ok(Some(Value::from(self.render(name, ctx)?))),
+            Leaf::Text(name, fast) => Ok(Some(Value::from(self.text_of(name, fast, scope)?))),
         }
     }
 
     /// Renders a leaf to text; `Ok(None)` means a single expression was `none`.
-    pub fn text(&self, leaf: &Leaf, ctx: &Value) -> Result<Option<String>, EvalError> {
+    pub fn text<S: Scope + ?Sized>(
+        &self,
+        leaf: &Leaf,
+        scope: &S,
+    ) -> Result<Option<String>, EvalError> {
         match leaf {
             Leaf::Const(s) => Ok(Some(s.clone())),
-            Leaf::Text(name) => self.render(name, ctx).map(Some),
-            Leaf::Expr(_) => Ok(self.eval(leaf, ctx)?.map(|v| plain_text(&v))),
+            Leaf::Text(name, fast) => self.text_of(name, fast, scope).map(Some),
+            Leaf::Expr(..) => Ok(self.eval(leaf, scope)?.map(|v| plain_text(&v))),
         }
+    }
+
+    fn text_of<S: Scope + ?Sized>(
+        &self,
+        name: &str,
+        fast: &Option<Fast>,
+        scope: &S,
+    ) -> Result<String, EvalError> {
+        if let Some(Ok(text)) = fast.as_ref().map(|f| f.text(scope)) {
+            return Ok(text);
+        }
+        self.render(name, scope.context())
     }
 
     fn render(&self, name: &str, ctx: &Value) -> Result<String, EvalError> {
