@@ -57,7 +57,7 @@ impl ActionEvent {
                 ..Default::default()
             });
         };
-        let mut partial = InvalidEvent {
+        let partial = InvalidEvent {
             event_id: take_string(&mut map, "event_id").ok().flatten(),
             action_id: take_string(&mut map, "action_id").ok().flatten(),
             profile_id: take_string(&mut map, "profile_id").ok().flatten(),
@@ -91,23 +91,27 @@ impl ActionEvent {
             Ok(j) => j,
             Err(e) => return fail(partial, e),
         };
-        partial.journey = journey.clone();
+        // From here on a failure also reports the journey (moved, not cloned).
+        let fail = |mut partial: InvalidEvent, journey, reason| {
+            partial.journey = journey;
+            fail(partial, reason)
+        };
         let params = match take_object(&mut map, "params") {
             Ok(p) => p.unwrap_or_default(),
-            Err(e) => return fail(partial, e),
+            Err(e) => return fail(partial, journey, e),
         };
         let context = match take_object(&mut map, "context") {
             Ok(c) => c,
-            Err(e) => return fail(partial, e),
+            Err(e) => return fail(partial, journey, e),
         };
         let emitted_at = match take_time(&mut map, "emitted_at") {
             Ok(t) => t.map(|(raw, _)| raw),
-            Err(e) => return fail(partial, e),
+            Err(e) => return fail(partial, journey, e),
         };
         let (expires_at, deadline) = match take_time(&mut map, "expires_at") {
             Ok(Some((raw, at))) => (Some(raw), Some(at)),
             Ok(None) => (None, None),
-            Err(e) => return fail(partial, e),
+            Err(e) => return fail(partial, journey, e),
         };
         Ok(ActionEvent {
             event_id: partial.event_id.unwrap_or_default(),
@@ -199,6 +203,25 @@ mod tests {
             e.deadline.unwrap().to_rfc3339(),
             "2026-11-23T16:00:00+00:00"
         );
+    }
+
+    #[test]
+    fn an_event_invalid_after_its_journey_still_reports_the_journey() {
+        for bad in [
+            json!({"params": 1}),
+            json!({"context": "x"}),
+            json!({"emitted_at": "yesterday"}),
+            json!({"expires_at": 5}),
+        ] {
+            let mut event = json!({"event_id": "e", "action_id": "a", "profile_id": "p",
+                                   "journey": {"id": "j"}});
+            event
+                .as_object_mut()
+                .unwrap()
+                .extend(bad.as_object().unwrap().clone());
+            let invalid = ActionEvent::from_value(event).unwrap_err();
+            assert_eq!(invalid.journey.unwrap()["id"], "j", "{bad}");
+        }
     }
 
     #[test]

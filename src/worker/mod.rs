@@ -501,19 +501,37 @@ struct Decided {
 /// Event → outcome (with its metrics).
 async fn decide(ctx: &JobContext, record: &Record) -> Decided {
     let dispatcher = &ctx.dispatcher;
+    // Who the event is for: taken from the parsed event once it is no longer
+    // needed (moved, not copied).
     let mut who = Identity::default();
-    let start = start(dispatcher, record.value.as_deref(), &mut who);
-    let span = tracing::debug_span!("event", event_id = ?who.event_id, action_id = ?who.action_id, partition = record.partition, offset = record.offset);
-    let outcome = match start {
+    let span = |event_id: &str, action_id: &str| {
+        tracing::debug_span!(
+            "event",
+            event_id,
+            action_id,
+            partition = record.partition,
+            offset = record.offset
+        )
+    };
+    let outcome = match start(dispatcher, record.value.as_deref(), &mut who) {
         Start::Done(outcome) => outcome,
-        Start::Run(ready) => run(dispatcher, ready).instrument(span).await,
+        Start::Run(ready) => {
+            let span = span(&ready.event.event_id, &ready.event.action_id);
+            let (outcome, event) = run(dispatcher, ready).instrument(span).await;
+            who = Identity::from_event(event);
+            outcome
+        }
         Start::Wait(waiting, deadline) => {
+            let span = span(
+                who.event_id.as_deref().unwrap_or_default(),
+                who.action_id.as_deref().unwrap_or_default(),
+            );
             let admitted = dispatcher
                 .admit(waiting, deadline)
                 .instrument(span.clone())
                 .await;
             match admitted.and_then(|first| restart(dispatcher, record.value.as_deref(), first)) {
-                Ok(ready) => run(dispatcher, ready).instrument(span).await,
+                Ok(ready) => run(dispatcher, ready).instrument(span).await.0,
                 Err(outcome) => outcome,
             }
         }
@@ -577,8 +595,15 @@ fn start(dispatcher: &Dispatcher, value: Option<&[u8]>, who: &mut Identity) -> S
             request,
             first,
         })),
-        Admission::Refused(outcome) => Start::Done(outcome),
-        Admission::Wait(waiting) => Start::Wait(waiting, event.deadline),
+        Admission::Refused(outcome) => {
+            *who = Identity::from_event(event);
+            Start::Done(outcome)
+        }
+        Admission::Wait(waiting) => {
+            let deadline = event.deadline;
+            *who = Identity::from_event(event);
+            Start::Wait(waiting, deadline)
+        }
     }
 }
 
@@ -598,8 +623,8 @@ fn restart(
     }))
 }
 
-/// The record's event, parsed, checked and rendered; `who` it is for, as far
-/// as the record says.
+/// The record's event, parsed, checked and rendered; on failure, `who` it
+/// is for, as far as the record says.
 fn prepared(
     dispatcher: &Dispatcher,
     value: Option<&[u8]>,
@@ -611,13 +636,18 @@ fn prepared(
         *who = Identity::of_invalid(&invalid);
         Outcome::early(OutcomeCode::InvalidEvent, invalid.reason)
     })?;
-    *who = Identity::of_event(&event);
-    let (def, request) = dispatcher.prepare(&event)?;
-    Ok((event, def, request))
+    match dispatcher.prepare(&event) {
+        Ok((def, request)) => Ok((event, def, request)),
+        Err(outcome) => {
+            *who = Identity::from_event(event);
+            Err(outcome)
+        }
+    }
 }
 
-/// Boxed: only admitted events carry the calls' state.
-async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> Outcome {
+/// The outcome, and the event back. Boxed: only admitted events carry the
+/// calls' state.
+async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> (Outcome, ActionEvent) {
     Box::pin(async move {
         let Ready {
             event,
@@ -625,7 +655,8 @@ async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> Outcome {
             request,
             first,
         } = *ready;
-        dispatcher.run(&def, &request, &event, first).await
+        let outcome = dispatcher.run(&def, &request, &event, first).await;
+        (outcome, event)
     })
     .await
 }

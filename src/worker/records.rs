@@ -22,12 +22,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn of_event(e: &ActionEvent) -> Identity {
+    /// The event's identity, taken from it (no copies).
+    pub fn from_event(e: ActionEvent) -> Identity {
         Identity {
-            event_id: Some(e.event_id.clone()),
-            action_id: Some(e.action_id.clone()),
-            profile_id: Some(e.profile_id.clone()),
-            journey: e.journey.clone(),
+            event_id: Some(e.event_id),
+            action_id: Some(e.action_id),
+            profile_id: Some(e.profile_id),
+            journey: e.journey,
         }
     }
 
