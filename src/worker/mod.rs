@@ -843,9 +843,11 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("statistics.interval.ms", "5000")
         // Bound what librdkafka prefetches while we are paused or busy.
         .set("queued.max.messages.kbytes", "16384")
-        // Records arrive in smaller, steadier batches: a 500 ms default let a
-        // burst of up to max_in_flight events start at once (bench, 2000/s:
-        // p50 19.7 -> 2.2 ms). Idle cost: ~100 empty fetches/s per broker.
+        // How long a broker may hold a fetch that finds nothing. A real
+        // broker answers as soon as records arrive, so this only sets how
+        // often an idle consumer asks (~100 fetches/s per broker); brokers
+        // that hold the fetch for the whole wait (librdkafka's mock cluster)
+        // deliver in bursts of this length (see BENCHMARKS.md).
         .set("fetch.wait.max.ms", "10");
     for (k, v) in &kafka.consumer {
         config.set(k, v);
