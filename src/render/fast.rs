@@ -151,9 +151,9 @@ pub fn plan_expression(expr: &str, roots: &[&str]) -> Option<Lookup> {
 
 /// The plan for a text leaf made of literal text and planned expressions.
 pub fn plan_text(source: &str, roots: &[&str], url: bool) -> Option<Fast> {
-    // Statements, comments and a trailing newline (which the engine drops)
-    // are the engine's business.
-    if source.contains("{%") || source.contains("{#") || source.ends_with('\n') {
+    // Statements, comments and a trailing newline or carriage return (the
+    // engine drops one of each at the end) are the engine's business.
+    if source.contains("{%") || source.contains("{#") || source.ends_with(['\n', '\r']) {
         return None;
     }
     let mut pieces = Vec::new();
@@ -254,6 +254,7 @@ mod tests {
             "{% if params.a %}x{% endif %}",
             "a {# note #}",
             "line\n",
+            "x{{ params.a }}\r",
             "{{ params.a }",
             "{{- params.a }}",
             "{{ params.a | upper }}",
