@@ -42,6 +42,12 @@ pub struct InvalidEvent {
 impl ActionEvent {
     /// Parses a record value (UTF-8 JSON).
     pub fn from_slice(bytes: &[u8]) -> Result<ActionEvent, InvalidEvent> {
+        // A valid event parses straight into its fields; anything else is
+        // parsed again as a JSON tree, which finds what is wrong and keeps
+        // the ids the record did carry.
+        if let Some(event) = Typed::parse(bytes) {
+            return Ok(event);
+        }
         let value: Value = serde_json::from_slice(bytes).map_err(|e| InvalidEvent {
             reason: format!("not valid JSON: {e}"),
             ..Default::default()
@@ -132,6 +138,50 @@ impl ActionEvent {
     }
 }
 
+/// The fields of a valid event as JSON types them, for the direct parse.
+/// Unknown fields are ignored, as `from_value` ignores them.
+#[derive(serde::Deserialize)]
+struct Typed {
+    event_id: String,
+    action_id: String,
+    profile_id: String,
+    journey: Option<Map<String, Value>>,
+    params: Option<Map<String, Value>>,
+    context: Option<Map<String, Value>>,
+    emitted_at: Option<String>,
+    expires_at: Option<String>,
+}
+
+impl Typed {
+    /// The event, if the record is a valid one (`None`: let `from_value`
+    /// say what is wrong).
+    fn parse(bytes: &[u8]) -> Option<ActionEvent> {
+        let t: Typed = serde_json::from_slice(bytes).ok()?;
+        if t.event_id.is_empty() || t.action_id.is_empty() || t.profile_id.is_empty() {
+            return None;
+        }
+        let time = |raw: &Option<String>| match raw {
+            None => Some(None),
+            Some(s) => DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| Some(t.with_timezone(&Utc))),
+        };
+        time(&t.emitted_at)?;
+        let deadline = time(&t.expires_at)?;
+        Some(ActionEvent {
+            event_id: t.event_id,
+            action_id: t.action_id,
+            profile_id: t.profile_id,
+            journey: t.journey,
+            params: t.params.unwrap_or_default(),
+            context: t.context,
+            emitted_at: t.emitted_at,
+            expires_at: t.expires_at,
+            deadline,
+        })
+    }
+}
+
 fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -203,6 +253,42 @@ mod tests {
             e.deadline.unwrap().to_rfc3339(),
             "2026-11-23T16:00:00+00:00"
         );
+    }
+
+    #[test]
+    fn the_direct_parse_and_the_json_tree_agree() {
+        let valid = [
+            json!({"event_id": "e", "action_id": "a", "profile_id": "p"}),
+            json!({"event_id": "e", "action_id": "a", "profile_id": "p", "journey": null,
+                   "params": null, "context": null, "emitted_at": null, "expires_at": null}),
+            json!({"event_id": "é", "action_id": "a", "profile_id": "p", "extra": [1, {"x": 2}],
+                   "journey": {"id": "j", "v": 3}, "params": {"z": 1, "a": [true, null], "m": {"k": 1.5}},
+                   "context": {"locale": "fr"}, "emitted_at": "2026-11-23T12:00:00Z",
+                   "expires_at": "2026-11-23T18:00:00+02:00"}),
+        ];
+        for event in valid {
+            let bytes = serde_json::to_vec(&event).unwrap();
+            let direct = Typed::parse(&bytes).expect("valid");
+            let tree = ActionEvent::from_value(event.clone()).unwrap();
+            assert_eq!(
+                serde_json::to_value(&direct).unwrap(),
+                serde_json::to_value(&tree).unwrap(),
+                "{event}"
+            );
+            assert_eq!(direct.deadline, tree.deadline);
+        }
+        // Whatever is not valid goes to the tree, which says why.
+        for invalid in [
+            &br#"{"event_id": "", "action_id": "a", "profile_id": "p"}"#[..],
+            br#"{"event_id": "e", "action_id": "a", "profile_id": "p", "expires_at": "soon"}"#,
+            br#"{"event_id": "e", "action_id": "a", "profile_id": "p", "params": []}"#,
+            br#"{"event_id": "e", "event_id": "f", "action_id": "a", "profile_id": "p"}"#,
+            br#"[1]"#,
+        ] {
+            assert!(Typed::parse(invalid).is_none());
+        }
+        let twice = br#"{"event_id": "e", "event_id": "f", "action_id": "a", "profile_id": "p"}"#;
+        assert_eq!(ActionEvent::from_slice(twice).unwrap().event_id, "f");
     }
 
     #[test]

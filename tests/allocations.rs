@@ -45,10 +45,10 @@ fn allocations_of(f: impl FnOnce()) -> u64 {
 
 /// Budgets: what each example costs today (in parentheses) plus about 25 %.
 const BUDGETS: &[(&str, u64)] = &[
-    ("sms_gateway", 98),        // (78; 150 before leaves skipped the engine)
-    ("email_send", 110),        // (88; 166)
-    ("push_notification", 100), // (80; 137)
-    ("crm_webhook", 125),       // (100; 150)
+    ("sms_gateway", 66), // (53; 150 before the render shortcut and the direct parse)
+    ("email_send", 83),  // (66; 166)
+    ("push_notification", 74), // (59; 137)
+    ("crm_webhook", 99), // (79; 150)
 ];
 
 #[test]
