@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -52,6 +53,8 @@ const RESUME_AT: f64 = 0.75;
 /// bounded by `queued.max.messages.kbytes`) but also serves no rebalance;
 /// pausing purges that queue, so a resume has to fetch again.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// Most records taken from librdkafka in one turn of the consume loop.
+const RECEIVE_BATCH: usize = 64;
 /// Longest wait between two tries of a produce that failed.
 const MAX_PRODUCE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -220,23 +223,41 @@ impl Worker {
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         tracing::info!(topic = %kafka.input_topic, group = %kafka.group_id, max_in_flight, ordering = ?dispatch.ordering, "worker started");
+        // One stream for the worker's life (each `recv` would make one).
+        let mut messages = consumer.stream();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(report) = reports.recv() => state.report(report),
+                Some(report) = reports.recv() => {
+                    state.report(report);
+                    // And whatever else is already there, without another turn.
+                    while let Ok(report) = reports.try_recv() {
+                        state.report(report);
+                    }
+                }
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
                 _ = tokio::time::sleep_until(state.full_since.unwrap_or_else(tokio::time::Instant::now) + PAUSE_AFTER),
                     if state.full_since.is_some() && !state.paused => state.set_paused(true),
                 // Backpressure: at max_in_flight, stop reading (then pause, see PAUSE_AFTER).
-                received = consumer.recv(), if !state.full() || state.paused => match received {
-                    Ok(message) => state.consumed(&message),
-                    // Transient (fetch, transport): librdkafka recovers on its own.
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
+                Some(received) = messages.next(), if !state.full() || state.paused => {
+                    state.received(received);
+                    // Records librdkafka already holds are taken in the same
+                    // turn, a batch at most (reports and shutdown come next).
+                    for _ in 1..RECEIVE_BATCH {
+                        if state.full() && !state.paused {
+                            break;
+                        }
+                        match messages.next().now_or_never() {
+                            Some(Some(received)) => state.received(received),
+                            _ => break,
+                        }
+                    }
+                }
             }
         }
 
+        drop(messages);
         // Shutdown: no more fetching; let what is held finish, up to the grace period.
         tracing::info!(in_flight = state.in_flight, delivering = state.delivering, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
         let deadline = tokio::time::Instant::now() + dispatch.shutdown_grace;
@@ -300,6 +321,17 @@ struct Loop {
 }
 
 impl Loop {
+    fn received(
+        &mut self,
+        received: Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+    ) {
+        match received {
+            Ok(message) => self.consumed(&message),
+            // Transient (fetch, transport): librdkafka recovers on its own.
+            Err(e) => tracing::warn!(error = %e, "consumer error"),
+        }
+    }
+
     fn consumed(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) {
         self.jobs.metrics.events_consumed.inc();
         let partition = message.partition();
