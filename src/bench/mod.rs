@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -559,31 +560,16 @@ async fn kafka_round_trip(
     total: usize,
     run_id: &str,
 ) -> anyhow::Result<Limit> {
-    let mut s = settings.clone();
-    s.kafka.group_id = format!("bench-round-trip-{run_id}");
-    let consumer: StreamConsumer = crate::worker::consumer_config(&s).create()?;
-    consumer.subscribe(&[&s.kafka.input_topic])?;
-    let producer: FutureProducer = crate::worker::producer_config(&s).create()?;
+    let mut events = Consuming::start(settings, &format!("bench-round-trip-{run_id}"), total)?;
+    let producer: FutureProducer = crate::worker::producer_config(settings).create()?;
+    let results_topic = &settings.kafka.results_topic;
     // A result record of the simple mix is ~330 bytes.
     let result = vec![b'r'; 330];
     let mut pending = std::collections::VecDeque::with_capacity(total);
-    let mut consumed = 0;
-    let mut started = None;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while consumed < total {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "Kafka round trip: only {consumed} of {total} events consumed in 120 s"
-        );
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
-            continue;
-        };
-        started.get_or_insert_with(Instant::now);
-        consumed += 1;
+    while let Some(m) = events.next("Kafka round trip").await? {
         let key = m.key().map(bytes::Bytes::copy_from_slice);
         loop {
-            let mut record =
-                FutureRecord::<[u8], [u8]>::to(&s.kafka.results_topic).payload(&result[..]);
+            let mut record = FutureRecord::<[u8], [u8]>::to(results_topic).payload(&result[..]);
             if let Some(k) = key.as_deref() {
                 record = record.key(k);
             }
@@ -605,37 +591,69 @@ async fn kafka_round_trip(
     for delivery in pending {
         delivery.await?.map_err(|(e, _)| e)?;
     }
-    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
-    Ok(limit(total, elapsed))
+    Ok(limit(total, events.elapsed()))
+}
+
+/// The bench's events, consumed by a group of their own, one at a time.
+struct Consuming {
+    consumer: StreamConsumer,
+    total: usize,
+    count: usize,
+    started: Option<Instant>,
+    deadline: Instant,
+}
+
+impl Consuming {
+    fn start(settings: &Settings, group: &str, total: usize) -> anyhow::Result<Consuming> {
+        let mut s = settings.clone();
+        s.kafka.group_id = group.to_string();
+        let consumer: StreamConsumer = crate::worker::consumer_config(&s).create()?;
+        consumer.subscribe(&[&s.kafka.input_topic])?;
+        Ok(Consuming {
+            consumer,
+            total,
+            count: 0,
+            started: None,
+            deadline: Instant::now() + Duration::from_secs(120),
+        })
+    }
+
+    /// The next event, `None` once all are consumed; an error after 120 s.
+    async fn next(&mut self, phase: &str) -> anyhow::Result<Option<BorrowedMessage<'_>>> {
+        while self.count < self.total {
+            anyhow::ensure!(
+                Instant::now() < self.deadline,
+                "{phase}: only {} of {} events consumed in 120 s",
+                self.count,
+                self.total
+            );
+            let received = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await;
+            if let Ok(Ok(m)) = received {
+                self.started.get_or_insert_with(Instant::now);
+                self.count += 1;
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// From the first event consumed.
+    fn elapsed(&self) -> Duration {
+        self.started.map(|s| s.elapsed()).unwrap_or_default()
+    }
 }
 
 /// Limit B: the same events consumed with the worker's consumer settings.
 async fn kafka_limit(settings: &Settings, total: usize, run_id: &str) -> anyhow::Result<Limit> {
-    let mut s = settings.clone();
-    s.kafka.group_id = format!("bench-consume-{run_id}");
-    let consumer: StreamConsumer = crate::worker::consumer_config(&s).create()?;
-    consumer.subscribe(&[&s.kafka.input_topic])?;
-    let mut started = None;
-    let mut count = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while count < total {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "limit B: only {count} of {total} events consumed in 120 s"
-        );
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
-            continue;
-        };
-        started.get_or_insert_with(Instant::now);
+    let mut events = Consuming::start(settings, &format!("bench-consume-{run_id}"), total)?;
+    while let Some(m) = events.next("limit B").await? {
         // Copy as the worker does.
         let _ = (
             m.key().map(bytes::Bytes::copy_from_slice),
             m.payload().map(bytes::Bytes::copy_from_slice),
         );
-        count += 1;
     }
-    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
-    Ok(limit(total, elapsed))
+    Ok(limit(total, events.elapsed()))
 }
 
 async fn end_to_end(
