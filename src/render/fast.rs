@@ -19,14 +19,13 @@ use percent_encoding::utf8_percent_encode;
 
 use super::template::{plain_text, PATH_SEGMENT};
 
-/// How a leaf is evaluated without the template engine.
+/// A text leaf without the template engine: literal text around lookups.
+/// `url`: each value printed is percent-encoded as one URL path segment (the
+/// `endpoint.url` leaf).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Fast {
-    /// `{{ path }}` or `{{ path | default('text') }}`: a typed value.
-    Value(Lookup),
-    /// Text around such expressions: a string. `url`: each value printed is
-    /// percent-encoded as one URL path segment (the `endpoint.url` leaf).
-    Text { pieces: Vec<Piece>, url: bool },
+pub struct TextPlan {
+    pub pieces: Vec<Piece>,
+    pub url: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,20 +93,17 @@ impl Lookup {
     }
 }
 
-impl Fast {
-    /// The text of a `Text` plan, printed as the environment's formatter
-    /// prints values.
+impl TextPlan {
+    /// The text, with values printed as the environment's formatter prints
+    /// them.
     pub fn text<S: Scope + ?Sized>(&self, scope: &S) -> Result<String, Unsure> {
-        let Fast::Text { pieces, url } = self else {
-            return Err(Unsure);
-        };
         let mut out = String::new();
-        for piece in pieces {
+        for piece in &self.pieces {
             match piece {
                 Piece::Literal(text) => out.push_str(text),
                 Piece::Lookup(lookup) => {
                     if let Some(value) = lookup.eval(scope)? {
-                        print(&mut out, &value, *url);
+                        print(&mut out, &value, self.url);
                     }
                 }
             }
@@ -150,7 +146,7 @@ pub fn plan_expression(expr: &str, roots: &[&str]) -> Option<Lookup> {
 }
 
 /// The plan for a text leaf made of literal text and planned expressions.
-pub fn plan_text(source: &str, roots: &[&str], url: bool) -> Option<Fast> {
+pub fn plan_text(source: &str, roots: &[&str], url: bool) -> Option<TextPlan> {
     // Statements, comments and a trailing newline or carriage return (the
     // engine drops one of each at the end) are the engine's business.
     if source.contains("{%") || source.contains("{#") || source.ends_with(['\n', '\r']) {
@@ -170,7 +166,7 @@ pub fn plan_text(source: &str, roots: &[&str], url: bool) -> Option<Fast> {
     if !rest.is_empty() {
         pieces.push(Piece::Literal(rest.to_string()));
     }
-    Some(Fast::Text { pieces, url })
+    Some(TextPlan { pieces, url })
 }
 
 /// `default('text')` or `d("text")` (no escapes, no quote inside).
@@ -243,9 +239,7 @@ mod tests {
             false,
         )
         .unwrap();
-        let Fast::Text { pieces, url } = plan else {
-            panic!()
-        };
+        let TextPlan { pieces, url } = plan;
         assert!(!url);
         assert_eq!(pieces.len(), 5);
         assert_eq!(pieces[0], Piece::Literal("Hi ".into()));

@@ -9,6 +9,7 @@
 pub mod fast;
 pub mod template;
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::io::Write as _;
 
@@ -236,7 +237,7 @@ impl RequestTemplate {
             event,
             missing,
             secrets: &self.secrets,
-            context: std::sync::OnceLock::new(),
+            context: OnceCell::new(),
         };
 
         let path = self.templates.text(&self.path, &ctx)?.unwrap_or_default();
@@ -323,7 +324,7 @@ impl RequestTemplate {
                     None if self.null_values == NullValues::Omit => return Ok(false),
                     None => buf.extend_from_slice(b"null"),
                     Some(v) => serde_json::to_writer(&mut *buf, &v).map_err(|e| RenderError {
-                        field: leaf_name(leaf),
+                        field: leaf.name().unwrap_or("payload").to_string(),
                         message: format!("the value cannot be written as JSON: {e}"),
                     })?,
                 }
@@ -364,13 +365,6 @@ impl RequestTemplate {
             }
         }
         Ok(true)
-    }
-}
-
-fn leaf_name(leaf: &Leaf) -> String {
-    match leaf {
-        Leaf::Const(_) => "payload".into(),
-        Leaf::Expr(n, _) | Leaf::Text(n, _) => n.clone(),
     }
 }
 
@@ -644,7 +638,7 @@ struct EventScope<'a> {
     event: &'a ActionEvent,
     missing: &'a [&'a str],
     secrets: &'a Value,
-    context: std::sync::OnceLock<Value>,
+    context: OnceCell<Value>,
 }
 
 impl fast::Scope for EventScope<'_> {
@@ -762,7 +756,7 @@ impl Serialize for Context<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::fast::{Fast, Scope};
+    use super::fast::Scope;
     use super::*;
     use serde_json::json;
 
@@ -834,24 +828,21 @@ mod tests {
                 event: &event,
                 missing: &missing,
                 secrets: &secrets,
-                context: std::sync::OnceLock::new(),
+                context: OnceCell::new(),
             };
             for (i, source) in sources.iter().enumerate() {
                 for name in [format!("payload.f{i}"), format!("endpoint.url.{i}")] {
                     let mut templates = Templates::with_fast_paths(EVENT_ROOTS);
                     let leaf = templates.add(&name, source).unwrap();
-                    let (Leaf::Expr(_, fast) | Leaf::Text(_, fast)) = &leaf else {
-                        panic!("{source}: not templated")
-                    };
-                    let fast = fast
-                        .as_ref()
-                        .unwrap_or_else(|| panic!("{source}: not planned"));
                     compared += 1;
                     let engine_value = templates.eval(&leaf, scope.context());
                     let engine_text = templates.text(&leaf, scope.context());
-                    let shortcut_value = match fast {
-                        Fast::Value(lookup) => lookup.eval(&scope).ok(),
-                        Fast::Text { .. } => fast.text(&scope).ok().map(|t| Some(Value::from(t))),
+                    let shortcut_value = match &leaf {
+                        Leaf::Expr(_, Some(lookup)) => lookup.eval(&scope).ok(),
+                        Leaf::Text(_, Some(plan)) => {
+                            plan.text(&scope).ok().map(|t| Some(Value::from(t)))
+                        }
+                        _ => panic!("{name} `{source}`: not planned"),
                     };
                     let Some(shortcut_value) = shortcut_value else {
                         // Left to the engine: only where the engine fails or the

@@ -13,7 +13,7 @@ use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::fast::{self, Fast, Scope};
+use super::fast::{self, Lookup, Scope, TextPlan};
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included,
 /// so one expression always stays one path segment.
@@ -38,9 +38,9 @@ pub enum Leaf {
     /// No template syntax: used as written.
     Const(String),
     /// Exactly one `{{ expression }}`: evaluates to a typed value.
-    Expr(String, Option<Fast>),
+    Expr(String, Option<Lookup>),
     /// Text mixed with expressions or statements: renders to a string.
-    Text(String, Option<Fast>),
+    Text(String, Option<TextPlan>),
 }
 
 impl Leaf {
@@ -164,10 +164,7 @@ impl Templates {
         let (wrapped, leaf) = match single_expression(source) {
             Some(expr) if !name.starts_with(URL_PATH_PREFIX) => (
                 format!("{{% set {RESULT_VAR} = ({expr}) %}}"),
-                Leaf::Expr(
-                    name.to_string(),
-                    fast::plan_expression(expr, roots).map(Fast::Value),
-                ),
+                Leaf::Expr(name.to_string(), fast::plan_expression(expr, roots)),
             ),
             _ => (
                 source.to_string(),
@@ -210,7 +207,7 @@ impl Templates {
         match leaf {
             Leaf::Const(s) => Ok(Some(Value::from(s.as_str()))),
             Leaf::Expr(name, fast) => {
-                if let Some(Fast::Value(lookup)) = fast {
+                if let Some(lookup) = fast {
                     if let Ok(value) = lookup.eval(scope) {
                         return Ok(value);
                     }
@@ -252,10 +249,10 @@ impl Templates {
     fn text_of<S: Scope + ?Sized>(
         &self,
         name: &str,
-        fast: &Option<Fast>,
+        fast: &Option<TextPlan>,
         scope: &S,
     ) -> Result<String, EvalError> {
-        if let Some(Ok(text)) = fast.as_ref().map(|f| f.text(scope)) {
+        if let Some(Ok(text)) = fast.as_ref().map(|plan| plan.text(scope)) {
             return Ok(text);
         }
         self.render(name, scope.context())
