@@ -314,16 +314,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
     );
-    let cpu = cpu_seconds();
-    let mut limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
-    limit_kafka.cpu_seconds_per_10k = (cpu_seconds() - cpu) / o.events as f64 * 10_000.0;
+    let limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
     eprintln!(
         "  limit B (Kafka): {:>10.0} events/s",
         limit_kafka.per_second
     );
-    let cpu = cpu_seconds();
-    let mut kafka_round_trip = kafka_round_trip(&settings, o.events, &run_id).await?;
-    kafka_round_trip.cpu_seconds_per_10k = per_10k(cpu_seconds() - cpu, o.events);
+    let kafka_round_trip = kafka_round_trip(&settings, o.events, &run_id).await?;
     eprintln!(
         "  Kafka round trip:{:>10.0} events/s",
         kafka_round_trip.per_second
@@ -591,7 +587,7 @@ async fn kafka_round_trip(
     for delivery in pending {
         delivery.await?.map_err(|(e, _)| e)?;
     }
-    Ok(limit(total, events.elapsed()))
+    Ok(events.measured())
 }
 
 /// The bench's events, consumed by a group of their own, one at a time.
@@ -599,7 +595,8 @@ struct Consuming {
     consumer: StreamConsumer,
     total: usize,
     count: usize,
-    started: Option<Instant>,
+    /// When the first event came, and this process's CPU time then.
+    started: Option<(Instant, f64)>,
     deadline: Instant,
 }
 
@@ -629,7 +626,8 @@ impl Consuming {
             );
             let received = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await;
             if let Ok(Ok(m)) = received {
-                self.started.get_or_insert_with(Instant::now);
+                self.started
+                    .get_or_insert_with(|| (Instant::now(), cpu_seconds()));
                 self.count += 1;
                 return Ok(Some(m));
             }
@@ -637,9 +635,15 @@ impl Consuming {
         Ok(None)
     }
 
-    /// From the first event consumed.
-    fn elapsed(&self) -> Duration {
-        self.started.map(|s| s.elapsed()).unwrap_or_default()
+    /// Events per second and CPU per 10 000, from the first event consumed.
+    fn measured(&self) -> Limit {
+        let (elapsed, cpu) = self
+            .started
+            .map(|(at, cpu)| (at.elapsed(), cpu_seconds() - cpu))
+            .unwrap_or_default();
+        let mut measured = limit(self.total, elapsed);
+        measured.cpu_seconds_per_10k = per_10k(cpu, self.total);
+        measured
     }
 }
 
@@ -653,7 +657,7 @@ async fn kafka_limit(settings: &Settings, total: usize, run_id: &str) -> anyhow:
             m.payload().map(bytes::Bytes::copy_from_slice),
         );
     }
-    Ok(limit(total, events.elapsed()))
+    Ok(events.measured())
 }
 
 async fn end_to_end(
