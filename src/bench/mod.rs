@@ -855,7 +855,8 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
     }
 }
 
-fn sorted_ms(durations: impl Iterator<Item = Duration>) -> Vec<f64> {
+/// Durations as milliseconds, sorted (for [`percentiles`]).
+pub fn sorted_ms(durations: impl Iterator<Item = Duration>) -> Vec<f64> {
     let mut ms: Vec<f64> = durations.map(|d| d.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     ms

@@ -267,8 +267,7 @@ fn print_summary(t: &Tally, total: usize, elapsed: Duration) {
         println!("  {code:<16}{n:>8}");
     }
     println!("retries: {}   DLQ records: {}", t.retries, t.dlq);
-    let mut ms: Vec<f64> = t.latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
+    let ms = crate::bench::sorted_ms(t.latencies.iter().copied());
     let p = crate::bench::percentiles(&ms, 0.0);
     println!(
         "event latency (consume → records acknowledged): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
@@ -316,19 +315,18 @@ pub fn example_actions(
                 spec["auth"][field] = json!(rebase(&u, base));
             }
         }
+        if rate_factor.is_none() {
+            spec.as_object_mut().map(|o| o.remove("cap"));
+        }
         let throttle = spec.as_object_mut().and_then(|o| {
             o.entry("throttle")
                 .or_insert_with(|| json!({}))
                 .as_object_mut()
         });
-        let mut remove_cap = false;
         if let Some(t) = throttle {
             t.entry("key").or_insert_with(|| json!(host));
             match rate_factor {
-                None => {
-                    t.retain(|k, _| k == "key");
-                    remove_cap = true;
-                }
+                None => t.retain(|k, _| k == "key"),
                 Some(factor) => {
                     let rate = t.get("rate").and_then(Value::as_str);
                     if let Some((count, per)) = rate.and_then(|r| r.split_once('/')) {
@@ -339,9 +337,6 @@ pub fn example_actions(
                     }
                 }
             }
-        }
-        if remove_cap {
-            spec.as_object_mut().map(|o| o.remove("cap"));
         }
         let file = actions_dir.join(name.replace(".yaml", ".json"));
         std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;

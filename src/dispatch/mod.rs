@@ -164,7 +164,10 @@ impl Dispatcher {
         )
     }
 
-    /// Runs one event to its final outcome: limits, calls, retries.
+    /// Runs one event to its final outcome: limits, calls, retries. The
+    /// same steps as the worker's (`prepare`, `try_admit`, `admit`, `run`),
+    /// for a caller that holds the parsed event while it waits; the worker
+    /// drops it and parses again once admitted (see `worker::decide`).
     pub async fn execute(&self, event: &ActionEvent) -> Outcome {
         let (def, request) = match self.prepare(event) {
             Ok(ready) => ready,

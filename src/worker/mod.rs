@@ -46,9 +46,10 @@ use records::{Identity, Source};
 
 /// How often final offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
-/// Resume paused partitions once the events held fall to this share of the limit.
+/// Resume paused partitions once the load ([`Loop::load`]) falls to this
+/// share of `max_in_flight`.
 const RESUME_AT: f64 = 0.75;
-/// How long the loop may stop reading while `max_in_flight` events are held
+/// How long the loop may stop reading while it is full ([`Loop::full`])
 /// before it pauses the partitions. Not reading is free (librdkafka's queue is
 /// bounded by `queued.max.messages.kbytes`) but also serves no rebalance;
 /// pausing purges that queue, so a resume has to fetch again.
@@ -187,11 +188,6 @@ impl Worker {
             .create()
             .context("creating the Kafka producer")?;
 
-        tokio::spawn(warm_up(
-            producer.clone(),
-            vec![kafka.results_topic.clone(), kafka.dlq_topic.clone()],
-        ));
-
         let max_in_flight = dispatch.max_in_flight;
         // Unbounded, yet bounded: every job sends two reports, and at most
         // max_in_flight jobs are before their outcome and max_in_flight after
@@ -207,6 +203,14 @@ impl Worker {
             observer: self.observer.clone(),
             reports: report_tx,
         });
+        let outputs: Vec<String> = jobs
+            .results_topic
+            .iter()
+            .chain([&jobs.dlq_topic])
+            .cloned()
+            .collect();
+        let warming = producer.clone();
+        tokio::task::spawn_blocking(move || warm_up(warming, outputs));
         let mut state = Loop {
             consumer: consumer.clone(),
             shared: shared.clone(),
@@ -239,13 +243,13 @@ impl Worker {
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
                 _ = tokio::time::sleep_until(state.full_since.unwrap_or_else(tokio::time::Instant::now) + PAUSE_AFTER),
                     if state.full_since.is_some() && !state.paused => state.set_paused(true),
-                // Backpressure: at max_in_flight, stop reading (then pause, see PAUSE_AFTER).
-                Some(received) = messages.next(), if !state.full() || state.paused => {
+                // Backpressure: when full, stop reading (then pause, see PAUSE_AFTER).
+                Some(received) = messages.next(), if state.reading() => {
                     state.received(received);
                     // Records librdkafka already holds are taken in the same
                     // turn, a batch at most (reports and shutdown come next).
                     for _ in 1..RECEIVE_BATCH {
-                        if state.full() && !state.paused {
+                        if !state.reading() {
                             break;
                         }
                         match messages.next().now_or_never() {
@@ -392,7 +396,20 @@ impl Loop {
     /// No reading while `max_in_flight` events are before their outcome,
     /// or as many wait for their records' acknowledgements.
     fn full(&self) -> bool {
-        self.in_flight.max(self.delivering) >= self.max_in_flight
+        self.load() >= self.max_in_flight
+    }
+
+    /// The larger of the events before their outcome and those waiting for
+    /// their records' acknowledgements (each bounded by `max_in_flight`).
+    fn load(&self) -> usize {
+        self.in_flight.max(self.delivering)
+    }
+
+    /// Whether the consumer is read: while not full, and while paused (its
+    /// partitions deliver no new records then, and reading serves
+    /// rebalances).
+    fn reading(&self) -> bool {
+        !self.full() || self.paused
     }
 
     fn report(&mut self, report: Report) {
@@ -422,9 +439,8 @@ impl Loop {
             }
         }
         self.jobs.metrics.in_flight.set(self.in_flight as i64);
-        let load = self.in_flight.max(self.delivering);
         if self.paused {
-            if (load as f64) <= self.max_in_flight as f64 * RESUME_AT {
+            if (self.load() as f64) <= self.max_in_flight as f64 * RESUME_AT {
                 self.set_paused(false);
                 self.full_since = None;
             }
@@ -467,7 +483,12 @@ impl Loop {
         match result {
             Ok(()) => {
                 self.paused = pause;
-                tracing::debug!(pause, in_flight = self.in_flight, "backpressure");
+                tracing::debug!(
+                    pause,
+                    in_flight = self.in_flight,
+                    delivering = self.delivering,
+                    "backpressure"
+                );
             }
             Err(e) => tracing::warn!(error = %e, pause, "pause/resume failed"),
         }
@@ -525,7 +546,8 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
 struct Decided {
     who: Identity,
     outcome: Outcome,
-    action: String,
+    /// `who.action_id` names a loaded action.
+    action_known: bool,
     /// From consume to the outcome.
     took: Duration,
 }
@@ -568,26 +590,31 @@ async fn decide(ctx: &JobContext, record: &Record) -> Decided {
             }
         }
     };
-    // The metrics' `action` label: only ids of loaded actions (SPEC §7).
     // Every outcome but these two comes after the action was found.
-    let action = match (who.action_id.as_deref(), outcome.code) {
-        (Some(_), OutcomeCode::UnknownAction) | (None, _) => UNKNOWN_ACTION,
-        (Some(id), OutcomeCode::InvalidEvent) if dispatcher.actions().get(id).is_none() => {
-            UNKNOWN_ACTION
-        }
-        (Some(id), _) => id,
-    }
-    .to_string();
+    let action_known = match (who.action_id.as_deref(), outcome.code) {
+        (Some(_), OutcomeCode::UnknownAction) | (None, _) => false,
+        (Some(id), OutcomeCode::InvalidEvent) => dispatcher.actions().get(id).is_some(),
+        (Some(_), _) => true,
+    };
     let took = record.consumed_at.elapsed();
-    ctx.metrics.record(&action, &outcome, took.as_secs_f64());
+    let action = action_label(&who, action_known);
+    ctx.metrics.record(action, &outcome, took.as_secs_f64());
     if outcome.code.is_failure() {
         tracing::debug!(event_id = ?who.event_id, outcome = %outcome.code, error = ?outcome.error, "event failed");
     }
     Decided {
         who,
         outcome,
-        action,
+        action_known,
         took,
+    }
+}
+
+/// The metrics' `action` label: only ids of loaded actions (SPEC §7).
+fn action_label(who: &Identity, known: bool) -> &str {
+    match &who.action_id {
+        Some(id) if known => id,
+        _ => UNKNOWN_ACTION,
     }
 }
 
@@ -694,25 +721,23 @@ async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> (Outcome, ActionEven
 }
 
 /// An outcome whose records are enqueued in the producer.
-struct Pending {
+struct Pending<'c> {
     decided: Decided,
-    result: Option<(Vec<u8>, Sent)>,
+    /// The results topic, the result record, its delivery.
+    result: Option<(&'c str, Vec<u8>, Sent)>,
     dead_letter: Option<(OwnedHeaders, Sent)>,
 }
 
-impl Pending {
-    fn enqueue(ctx: &JobContext, record: &Record, decided: Decided) -> Pending {
-        let elapsed_ms = record.consumed_at.elapsed().as_secs_f64() * 1000.0;
-        let result = match (
-            &ctx.results_topic,
-            records::result_value(&decided.who, &decided.outcome, elapsed_ms),
-        ) {
-            (Some(topic), Some(value)) => {
-                let sent = send(ctx, topic, record.key.as_deref(), Some(&value), None);
-                Some((value, sent))
-            }
-            _ => None,
-        };
+impl<'c> Pending<'c> {
+    fn enqueue(ctx: &'c JobContext, record: &Record, decided: Decided) -> Pending<'c> {
+        // The same duration as the metrics' (decide measured it).
+        let elapsed_ms = decided.took.as_secs_f64() * 1000.0;
+        // Built only when there is a results topic to send it to.
+        let result = ctx.results_topic.as_deref().and_then(|topic| {
+            let value = records::result_value(&decided.who, &decided.outcome, elapsed_ms)?;
+            let sent = send(ctx, topic, record.key.as_deref(), Some(&value), None);
+            Some((topic, value, sent))
+        });
         let dead_letter = decided.outcome.code.is_failure().then(|| {
             let source = Source {
                 topic: &ctx.input_topic,
@@ -751,14 +776,14 @@ impl Pending {
         } = self;
         let key = record.key.as_deref();
         let result = async {
-            if let (Some(topic), Some((value, sent))) = (&ctx.results_topic, result) {
-                deliver(ctx, topic, key, Some(&value), None, sent).await;
+            if let Some((topic, value, sent)) = result {
+                acknowledged(ctx, topic, key, Some(&value), None, sent).await;
             }
         };
         let dead_letter = async {
             if let Some((headers, sent)) = dead_letter {
                 let value = record.value.as_deref();
-                deliver(ctx, &ctx.dlq_topic, key, value, Some(&headers), sent).await;
+                acknowledged(ctx, &ctx.dlq_topic, key, value, Some(&headers), sent).await;
                 ctx.metrics
                     .dlq
                     .with_label_values(&[&decided.outcome.code.to_string()])
@@ -768,8 +793,8 @@ impl Pending {
         tokio::join!(result, dead_letter);
         if let Some(observer) = &ctx.observer {
             observer(&Finished {
+                action: action_label(&decided.who, decided.action_known).to_string(),
                 event_id: decided.who.event_id,
-                action: decided.action,
                 code: decided.outcome.code,
                 attempts: decided.outcome.attempt_count(),
                 latency: record.consumed_at.elapsed(),
@@ -806,7 +831,7 @@ fn send(
 /// Waits for the broker's acknowledgement of a record (`sent`, if it was
 /// enqueued), producing it again until it is acknowledged: an outcome is
 /// never skipped.
-async fn deliver(
+async fn acknowledged(
     ctx: &JobContext,
     topic: &str,
     key: Option<&[u8]>,
@@ -833,32 +858,23 @@ async fn deliver(
 
 /// Fetches the metadata of the output topics while the consumer joins its
 /// group, and says early when one is missing (instead of at the first event).
-async fn warm_up(producer: FutureProducer, topics: Vec<String>) {
-    for topic in topics.into_iter().filter(|t| !t.is_empty()) {
-        let producer = producer.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let metadata = producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(5));
-            (
-                topic,
-                metadata.map(|m| m.topics().iter().map(|t| t.error()).collect::<Vec<_>>()),
-            )
-        })
-        .await;
-        match found {
-            Ok((_, Ok(errors))) if errors.iter().all(Option::is_none) => {}
-            Ok((topic, Ok(errors))) => {
-                tracing::warn!(
-                    topic,
-                    ?errors,
-                    "output topic not available yet; its records will wait for it"
-                )
+fn warm_up(producer: FutureProducer, topics: Vec<String>) {
+    for topic in topics {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(5));
+        match metadata {
+            Ok(m) => {
+                let errors: Vec<_> = m.topics().iter().filter_map(|t| t.error()).collect();
+                if !errors.is_empty() {
+                    tracing::warn!(
+                        topic,
+                        ?errors,
+                        "output topic not available yet; its records will wait for it"
+                    )
+                }
             }
-            Ok((topic, Err(e))) => {
-                tracing::warn!(topic, error = %e, "no metadata for an output topic yet")
-            }
-            Err(_) => {}
+            Err(e) => tracing::warn!(topic, error = %e, "no metadata for an output topic yet"),
         }
     }
 }
