@@ -138,8 +138,10 @@ impl Rendered {
     }
 }
 
-/// The single `error: …` line a failed command leaves on stderr.
-fn assert_one_error_line(run: &Run) {
+/// A command that failed on a problem the user can fix: exit 1 and a single
+/// `error: …` line on stderr that contains `piece`.
+fn assert_fails_with(run: &Run, piece: &str) {
+    assert_eq!(run.code, 1, "{run:#?}");
     let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(
         lines.len(),
@@ -148,6 +150,7 @@ fn assert_one_error_line(run: &Run) {
         run.stderr
     );
     assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    assert!(run.stderr.contains(piece), "{piece:?} in {}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------
@@ -586,10 +589,13 @@ fn render_refuses_bad_input_with_one_error_line() {
             path_str(event),
         ]);
 
-        assert_eq!(run.code, 1, "{action} {}: {run:#?}", event.display());
-        assert!(run.stdout.is_empty(), "nothing rendered: {}", run.stdout);
-        assert_one_error_line(&run);
-        assert!(run.stderr.contains(piece), "{piece:?} in {}", run.stderr);
+        assert!(
+            run.stdout.is_empty(),
+            "{action} {}: nothing rendered: {}",
+            event.display(),
+            run.stdout
+        );
+        assert_fails_with(&run, piece);
     }
 }
 
@@ -749,13 +755,8 @@ fn send_exits_1_with_one_error_line_when_the_provider_is_unreachable() {
         path_str(&event),
     ]);
 
-    assert_eq!(run.code, 1, "{run:#?}");
-    assert_one_error_line(&run);
-    assert!(
-        run.stderr.contains("error: error:"),
-        "the outcome code is named: {}",
-        run.stderr
-    );
+    // The outcome code is named.
+    assert_fails_with(&run, "error: error:");
 }
 
 #[test]
@@ -769,9 +770,7 @@ fn validate_rejects_unknown_settings_keys_with_one_error_line() {
 
     let run = run(&["--config", path_str(config.path()), "validate"]);
 
-    assert_eq!(run.code, 1, "{run:#?}");
-    assert_one_error_line(&run);
-    assert!(run.stderr.contains("max_inflight"), "{}", run.stderr);
+    assert_fails_with(&run, "max_inflight");
 }
 
 // ---------------------------------------------------------------------------
@@ -799,7 +798,6 @@ fn help_works_for_every_verb() {
     }
     assert!(!listed.contains(&"bench-sink"), "the sink's role is hidden");
     for (verb, flags) in [
-        ("validate", &["--log-format"][..]),
         ("render", &["--action", "--event"][..]),
         ("send", &["--action", "--event"][..]),
         ("demo", &["--events", "--exit", "--brokers"][..]),
@@ -871,13 +869,7 @@ fn environment_variables_override_the_files_and_misspelt_ones_are_refused() {
     assert!(overridden.stdout.contains("broken.yaml"), "{overridden:#?}");
 
     let misspelt = run_with_env(&args, &[("JOURNEY_ACTIONS__DISPATCH__MAX_INFLIGHT", "3")]);
-    assert_eq!(misspelt.code, 1, "{misspelt:#?}");
-    assert_one_error_line(&misspelt);
-    assert!(
-        misspelt.stderr.contains("max_inflight"),
-        "{}",
-        misspelt.stderr
-    );
+    assert_fails_with(&misspelt, "max_inflight");
 
     let zero = run_with_env(&args, &[("JOURNEY_ACTIONS__DISPATCH__MAX_IN_FLIGHT", "0")]);
     assert_eq!(zero.code, 1, "{zero:#?}");

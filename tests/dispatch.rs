@@ -149,8 +149,11 @@ struct Scripted {
     arrivals: Arc<Mutex<Vec<Instant>>>,
 }
 
+/// When each call reached a [`Scripted`] responder.
+type Arrivals = Arc<Mutex<Vec<Instant>>>;
+
 impl Scripted {
-    fn new(responses: Vec<ResponseTemplate>) -> (Scripted, Arc<Mutex<Vec<Instant>>>) {
+    fn new(responses: Vec<ResponseTemplate>) -> (Scripted, Arrivals) {
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let scripted = Scripted {
             responses,
@@ -172,7 +175,7 @@ impl Respond for Scripted {
     }
 }
 
-fn arrivals_of(arrivals: &Arc<Mutex<Vec<Instant>>>) -> Vec<Instant> {
+fn arrivals_of(arrivals: &Arrivals) -> Vec<Instant> {
     arrivals.lock().expect("arrivals lock").clone()
 }
 
@@ -1452,28 +1455,48 @@ async fn redirect_307_keeps_method_and_body() {
 // §4 throttle and cap
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn rate_limit_spreads_calls_at_the_provider() {
+/// A provider that answers 200 to `calls` calls and records when each came.
+async fn timed_provider(calls: u64) -> (MockServer, Arrivals) {
     let server = MockServer::start().await;
     let (script, arrivals) = Scripted::new(vec![ResponseTemplate::new(200)]);
     Mock::given(any())
         .respond_with(script)
-        .expect(40)
+        .expect(calls)
         .mount(&server)
         .await;
+    (server, arrivals)
+}
+
+/// Executes `n` events at once, taking turns among `actions`; all must end
+/// `ok`. Returns the outcomes and the time from the first call's arrival at
+/// the provider to the last's.
+async fn run_all_at_once(
+    f: &Fixture,
+    actions: &[&str],
+    n: usize,
+    arrivals: &Arrivals,
+) -> (Vec<Outcome>, Duration) {
+    let events: Vec<ActionEvent> = (0..n)
+        .map(|i| event(actions[i % actions.len()], json!({})))
+        .collect();
+    let outcomes = futures::future::join_all(events.iter().map(|e| f.dispatcher.execute(e))).await;
+    assert_eq!(count(&outcomes, OutcomeCode::Ok), n, "{outcomes:#?}");
+    let at = arrivals_of(arrivals);
+    assert_eq!(at.len(), n);
+    (outcomes, at[n - 1] - at[0])
+}
+
+#[tokio::test]
+async fn rate_limit_spreads_calls_at_the_provider() {
+    let (server, arrivals) = timed_provider(40).await;
     let f = load(&[action(
         "throttled",
         &format!("{}/t", server.uri()),
         json!({ "throttle": { "rate": "20/s", "burst": 1 } }),
     )]);
-    let events: Vec<ActionEvent> = (0..40).map(|_| event("throttled", json!({}))).collect();
 
-    let outcomes = futures::future::join_all(events.iter().map(|e| f.dispatcher.execute(e))).await;
+    let (_, span) = run_all_at_once(&f, &["throttled"], 40, &arrivals).await;
 
-    assert_eq!(count(&outcomes, OutcomeCode::Ok), 40);
-    let at = arrivals_of(&arrivals);
-    assert_eq!(at.len(), 40);
-    let span = at[at.len() - 1] - at[0];
     assert!(
         span >= Duration::from_millis(1900),
         "40 calls at 20/s with burst 1 took only {span:?} at the provider"
@@ -1482,13 +1505,7 @@ async fn rate_limit_spreads_calls_at_the_provider() {
 
 #[tokio::test]
 async fn actions_sharing_a_throttle_key_share_one_budget() {
-    let server = MockServer::start().await;
-    let (script, arrivals) = Scripted::new(vec![ResponseTemplate::new(200)]);
-    Mock::given(any())
-        .respond_with(script)
-        .expect(40)
-        .mount(&server)
-        .await;
+    let (server, arrivals) = timed_provider(40).await;
     let port = server.address().port();
     let throttle = json!({ "throttle": { "key": "shared-budget", "rate": "20/s", "burst": 1 } });
     // Different hosts, so only the explicit key can make them share.
@@ -1500,15 +1517,9 @@ async fn actions_sharing_a_throttle_key_share_one_budget() {
         ),
         action("via_name", &format!("http://localhost:{port}/b"), throttle),
     ]);
-    let events: Vec<ActionEvent> = (0..40)
-        .map(|i| event(if i % 2 == 0 { "via_ip" } else { "via_name" }, json!({})))
-        .collect();
 
-    let outcomes = futures::future::join_all(events.iter().map(|e| f.dispatcher.execute(e))).await;
+    let (outcomes, span) = run_all_at_once(&f, &["via_ip", "via_name"], 40, &arrivals).await;
 
-    assert_eq!(count(&outcomes, OutcomeCode::Ok), 40, "{outcomes:#?}");
-    let at = arrivals_of(&arrivals);
-    let span = at[at.len() - 1] - at[0];
     assert!(
         span >= Duration::from_millis(1900),
         "20 + 20 calls on one 20/s budget took only {span:?}: the budgets are not shared"
@@ -1520,13 +1531,7 @@ async fn actions_sharing_a_throttle_key_share_one_budget() {
 
 #[tokio::test]
 async fn without_a_key_actions_on_one_host_share_the_budget_one_of_them_declares() {
-    let server = MockServer::start().await;
-    let (script, arrivals) = Scripted::new(vec![ResponseTemplate::new(200)]);
-    Mock::given(any())
-        .respond_with(script)
-        .expect(40)
-        .mount(&server)
-        .await;
+    let (server, arrivals) = timed_provider(40).await;
     // SPEC §4: the key defaults to the URL's host. Only one action declares
     // the rate; the other, on the same host, has no throttle section at all.
     let f = load(&[
@@ -1537,15 +1542,9 @@ async fn without_a_key_actions_on_one_host_share_the_budget_one_of_them_declares
         ),
         action("silent", &format!("{}/b", server.uri()), json!({})),
     ]);
-    let events: Vec<ActionEvent> = (0..40)
-        .map(|i| event(if i % 2 == 0 { "declares" } else { "silent" }, json!({})))
-        .collect();
 
-    let outcomes = futures::future::join_all(events.iter().map(|e| f.dispatcher.execute(e))).await;
+    let (outcomes, span) = run_all_at_once(&f, &["declares", "silent"], 40, &arrivals).await;
 
-    assert_eq!(count(&outcomes, OutcomeCode::Ok), 40, "{outcomes:#?}");
-    let at = arrivals_of(&arrivals);
-    let span = at[at.len() - 1] - at[0];
     assert!(
         span >= Duration::from_millis(1900),
         "20 + 20 calls on one host's 20/s budget took only {span:?}: the host is not the key"
