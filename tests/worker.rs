@@ -1179,6 +1179,49 @@ async fn every_failure_outcome_is_dead_lettered_byte_exact_with_ja_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_results_topic_disabled_failures_still_reach_the_dlq_and_offsets_advance() {
+    const N: usize = 10;
+    let kafka = Setup::new("no-results", 2).await;
+    let provider = Provider::start(|_| (200, Duration::ZERO)).await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
+    let mut produced = events("nr", "notify", N, 4);
+    produced.push((
+        Some("p-x".into()),
+        event("nr-unknown", "fax_machine", "p-x", 0),
+    ));
+    kafka.produce(&produced).await;
+
+    // SPEC §3: `results_topic = ""` disables the results topic.
+    let mut settings = kafka.settings();
+    settings.kafka.results_topic = String::new();
+    let worker = start_worker(settings, &actions);
+    let dead = kafka
+        .read_until(
+            &kafka.dlq,
+            "the unknown action's dead letter",
+            Duration::from_secs(60),
+            |r| !r.is_empty(),
+        )
+        .await;
+    kafka.wait_committed_to_end(Duration::from_secs(30)).await;
+    let finished = worker.finished().len();
+    worker.stop().await;
+
+    assert_eq!(provider.seen().len(), N, "every known event was called");
+    assert_eq!(finished, N + 1, "every event became final");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].value,
+        Some(produced[N].1.clone()),
+        "the dead letter is the record itself"
+    );
+    assert!(
+        kafka.read_all(&kafka.results).await.is_empty(),
+        "nothing is written to a disabled results topic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_with_one_key_reach_the_provider_in_produce_order_while_keys_overlap() {
     const KEYS: usize = 20;
     const PER_KEY: usize = 15;
