@@ -1,0 +1,196 @@
+//! `journey-actions bench` run as a user runs it (the binary, the in-process
+//! mock cluster, the sink in its own process): what it prints and writes to
+//! `--json` must hold together, and nothing may be lost. Timings are only
+//! checked where a policy sets a floor (the sink's latency).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `bench` with `args` and `--json`, and returns its stdout and the JSON.
+fn bench(args: &[&str]) -> (String, Value) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_journey-actions"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        // No configuration directory: bench uses the defaults.
+        .current_dir(dir.path())
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (stdout, read_json(&json))
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("bench wrote --json");
+    serde_json::from_str(&text).expect("--json is JSON")
+}
+
+fn number(v: &Value, path: &str) -> f64 {
+    let mut at = v;
+    for part in path.split('.') {
+        at = &at[part];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("{path} is not a number: {at}"))
+}
+
+/// The percentiles of one latency figure, in order.
+fn percentiles(v: &Value, figure: &str) -> [f64; 4] {
+    ["p50", "p99", "p999", "max"].map(|p| number(v, &format!("end_to_end.{figure}.{p}")))
+}
+
+fn assert_ordered(figure: &str, p: [f64; 4]) {
+    assert!(
+        p.windows(2).all(|w| w[0] <= w[1]),
+        "{figure}: percentiles out of order: {p:?}"
+    );
+}
+
+#[test]
+fn every_phase_sees_every_event_and_the_figures_agree() {
+    let events = 1500;
+    let (stdout, report) = bench(&[
+        "--events",
+        "1500",
+        "--keys",
+        "100",
+        "--concurrency",
+        "64",
+        "--sink-latency",
+        "5ms",
+    ]);
+
+    for phase in ["limit_http", "limit_kafka", "kafka_round_trip"] {
+        assert_eq!(
+            number(&report, &format!("{phase}.count")),
+            events as f64,
+            "{phase}"
+        );
+        assert!(
+            number(&report, &format!("{phase}.per_second")) > 0.0,
+            "{phase}"
+        );
+    }
+    let e2e = &report["end_to_end"];
+    assert_eq!(number(&report, "end_to_end.events"), events as f64);
+    assert_eq!(
+        e2e["outcomes"],
+        serde_json::json!({ "ok": events }),
+        "every event ends ok"
+    );
+    // Without --rate no event is left out of the latency figures.
+    assert_eq!(number(&report, "end_to_end.latency_events"), events as f64);
+
+    // The ratio is end-to-end over the lower limit.
+    let limit =
+        number(&report, "limit_http.per_second").min(number(&report, "limit_kafka.per_second"));
+    let ratio = number(&report, "end_to_end.ratio");
+    let expected = number(&report, "end_to_end.events_per_second") / limit;
+    assert!(
+        (ratio - expected).abs() < 1e-9,
+        "ratio {ratio}, expected {expected}"
+    );
+    assert!(
+        stdout.contains(&format!("ratio end-to-end / min(A, B): {ratio:.2}")),
+        "the table prints the same ratio:\n{stdout}"
+    );
+
+    // Each event waited for the sink's 5 ms; "added" is what is left.
+    let latency = percentiles(&report, "latency_ms");
+    let added = percentiles(&report, "added_latency_ms");
+    let acked = percentiles(&report, "acked_latency_ms");
+    assert!(
+        latency[0] >= 5.0,
+        "p50 {} ms is under the sink's 5 ms",
+        latency[0]
+    );
+    for (l, a) in latency.iter().zip(added) {
+        assert!((l - 5.0 - a).abs() < 1e-6, "added {a} is not {l} - 5");
+    }
+    // The records are acknowledged after the outcome.
+    assert!(
+        acked[0] >= latency[0],
+        "acked p50 {acked:?} before the outcome {latency:?}"
+    );
+    for (figure, p) in [("latency", latency), ("acked", acked)] {
+        assert_ordered(figure, p);
+    }
+
+    assert!(number(&report, "end_to_end.peak_rss_mib") > 0.0);
+    assert!(number(&report, "end_to_end.cpu_seconds_per_10k") > 0.0);
+    assert!(number(&report, "parse_render_us") > 0.0);
+    assert_eq!(report["sink_latency"], "5ms");
+    assert_eq!(report["broker"], "mock");
+    for row in [
+        "limit A: HTTP to the sink",
+        "limit B: Kafka consume",
+        "Kafka round trip (+result)",
+        "end-to-end worker",
+        "event latency (consume → outcome)",
+        "peak RSS",
+    ] {
+        assert!(stdout.contains(row), "table row {row:?} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn the_example_mix_accounts_for_every_event_including_the_failures() {
+    let (_, report) = bench(&[
+        "--events",
+        "700",
+        "--actions",
+        "examples",
+        "--ordering",
+        "none",
+        "--concurrency",
+        "32",
+    ]);
+    let outcomes = report["end_to_end"]["outcomes"]
+        .as_object()
+        .expect("outcomes");
+    let total: u64 = outcomes.values().filter_map(Value::as_u64).sum();
+    assert_eq!(total, 700, "every event has one outcome: {outcomes:?}");
+    // The mix carries invalid events on purpose: they are outcomes, not losses.
+    assert!(
+        outcomes.get("invalid_event").and_then(Value::as_u64) > Some(0),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("ok").and_then(Value::as_u64) > Some(600),
+        "{outcomes:?}"
+    );
+    assert_eq!(report["mix"], "examples");
+    assert_eq!(report["ordering"], "none");
+}
+
+#[test]
+fn a_rate_leaves_the_first_second_out_of_the_latency_figures() {
+    // 1 200 events at 600/s: about two seconds, the first of which is warm-up.
+    let (stdout, report) = bench(&["--events", "1200", "--rate", "600", "--concurrency", "64"]);
+    assert_eq!(report["rate"], 600);
+    let kept = number(&report, "end_to_end.latency_events");
+    assert!(
+        kept > 0.0 && kept < 1200.0,
+        "{kept} of 1200 events in the latency figures"
+    );
+    assert_eq!(number(&report, "end_to_end.warmup_seconds"), 1.0);
+    // With a rate, the throughput is the producer's: no ratio is claimed.
+    assert!(report["end_to_end"]["ratio"].is_null());
+    assert_ordered("all", percentiles(&report, "all_latency_ms"));
+    assert!(stdout.contains("end-to-end at 600/s"), "{stdout}");
+    assert!(
+        stdout.contains("ratio end-to-end / min(A, B): not measured"),
+        "{stdout}"
+    );
+}
