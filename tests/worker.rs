@@ -618,6 +618,7 @@ struct Call {
 }
 
 /// The provider's answer to a call: status and how long it holds the response.
+/// A 429 carries `Retry-After: 5` ([`TOO_MANY_RETRY_AFTER`]).
 type Plan = dyn Fn(&Call) -> (u16, Duration) + Send + Sync;
 
 #[derive(Debug, Clone)]
@@ -626,6 +627,9 @@ struct Seen {
     status: u16,
     delay: Duration,
 }
+
+/// The `Retry-After` of the provider's 429 answers.
+const TOO_MANY_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 struct Recorder {
     log: Arc<Mutex<Vec<Seen>>>,
@@ -658,9 +662,14 @@ impl Respond for Recorder {
             status,
             delay,
         });
-        ResponseTemplate::new(status)
+        let template = ResponseTemplate::new(status)
             .set_body_json(answer)
-            .set_delay(delay)
+            .set_delay(delay);
+        if status == 429 {
+            let seconds = TOO_MANY_RETRY_AFTER.as_secs().to_string();
+            return template.insert_header("retry-after", seconds.as_str());
+        }
+        template
     }
 }
 
@@ -1295,6 +1304,115 @@ async fn events_with_one_key_reach_the_provider_in_produce_order_while_keys_over
         peak > 1,
         "different keys ran concurrently (peak {peak} calls at once)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_event_holds_back_its_key_and_its_offset_but_not_other_keys() {
+    // One partition: offsets say exactly what may be committed.
+    let kafka = Setup::new("retry-hold", 1).await;
+    // ro-0's first call is refused (429, Retry-After: 5 s, long enough to
+    // look at the results and the committed offset meanwhile); every other
+    // call is ok.
+    let refused = Arc::new(AtomicBool::new(false));
+    let provider = Provider::start({
+        let refused = refused.clone();
+        move |call| {
+            let first_of_ro0 =
+                call.event_id == "ro-0" && !refused.swap(true, AtomicOrdering::SeqCst);
+            (if first_of_ro0 { 429 } else { 200 }, Duration::ZERO)
+        }
+    })
+    .await;
+    let retry = "retry:\n  max_attempts: 3\n  initial_backoff: 100ms\n  max_backoff: 10s\n";
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), retry)]);
+    // Offsets 0 and 1: key "held", in that order; 2..8: a key each.
+    let mut records = vec![
+        (Some("held".to_string()), event("ro-0", "notify", "held", 0)),
+        (Some("held".to_string()), event("ro-1", "notify", "held", 1)),
+    ];
+    for i in 2..8 {
+        let profile = format!("free-{i}");
+        records.push((
+            Some(profile.clone()),
+            event(&format!("ro-{i}"), "notify", &profile, 0),
+        ));
+    }
+    kafka.produce(&records).await;
+    let others: BTreeSet<String> = (2..8).map(|i| format!("ro-{i}")).collect();
+
+    let worker = start_worker(kafka.settings(), &actions);
+    // The other keys finish while ro-0 waits for its retry...
+    let early = kafka
+        .read_until(
+            &kafka.results,
+            "the other keys' results",
+            Duration::from_secs(60),
+            |r| {
+                others
+                    .iter()
+                    .all(|id| r.iter().any(|x| &x.event_id() == id))
+            },
+        )
+        .await;
+    let early_ids: BTreeSet<String> = early.iter().map(Rec::event_id).collect();
+    assert!(
+        !early_ids.contains("ro-0") && !early_ids.contains("ro-1"),
+        "the held key finished before its retry: {early_ids:?}"
+    );
+    // ... and its offset is not committed past ro-0 (offset 0) meanwhile,
+    // although offsets 2..8 are final: two commit intervals later, still 0 at most.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let during = kafka.committed().await[0];
+    let checked_at = Instant::now();
+    assert!(
+        during.is_none_or(|c| c <= 0),
+        "committed {during:?} while ro-0 (offset 0) waits for its retry"
+    );
+
+    let results = kafka.results_for(8, "a result per event").await;
+    kafka.wait_committed_to_end(Duration::from_secs(30)).await;
+    worker.stop().await;
+
+    let seen = provider.seen();
+    let calls_of =
+        |id: &str| -> Vec<&Seen> { seen.iter().filter(|s| s.call.event_id == id).collect() };
+    let ro0 = calls_of("ro-0");
+    assert_eq!(ro0.iter().map(|s| s.status).collect::<Vec<_>>(), [429, 200]);
+    let (refusal, retried) = (ro0[0].call.arrived, ro0[1].call.arrived);
+    assert!(
+        retried >= refusal + TOO_MANY_RETRY_AFTER,
+        "the retry came {:?} after the 429, before its Retry-After",
+        retried - refusal
+    );
+    assert!(
+        checked_at < retried,
+        "the commit was checked while ro-0 waited"
+    );
+    // The next event of the key starts only after the retry's outcome.
+    let ro1 = calls_of("ro-1");
+    assert_eq!(ro1.len(), 1);
+    assert!(
+        ro1[0].call.arrived >= retried,
+        "ro-1 was called before ro-0's retry"
+    );
+    // The other keys did not wait for it.
+    for id in &others {
+        let calls = calls_of(id);
+        assert_eq!(calls.len(), 1, "{id}");
+        assert!(
+            calls[0].call.arrived < retried,
+            "{id} waited for ro-0's retry"
+        );
+    }
+    // Results: ro-0 ok after two attempts, and before ro-1 (same key).
+    let position = |id: &str| results.iter().position(|r| r.event_id() == id).expect(id);
+    assert!(
+        position("ro-0") < position("ro-1"),
+        "the key's results in order"
+    );
+    let ro0_result = results[position("ro-0")].json();
+    assert_eq!(ro0_result["outcome"], "ok", "{ro0_result}");
+    assert_eq!(ro0_result["attempts"], 2, "{ro0_result}");
 }
 
 /// A config directory for `journey-actions run` against this test's topics.
