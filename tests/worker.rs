@@ -33,7 +33,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -1413,6 +1413,55 @@ async fn a_retrying_event_holds_back_its_key_and_its_offset_but_not_other_keys()
     let ro0_result = results[position("ro-0")].json();
     assert_eq!(ro0_result["outcome"], "ok", "{ro0_result}");
     assert_eq!(ro0_result["attempts"], 2, "{ro0_result}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_broker_refuses_are_produced_again_until_acknowledged() {
+    const N: usize = 10;
+    let kafka = Setup::new("produce-again", 1).await;
+    let Kafka::Mock(cluster) = &kafka._kafka else {
+        eprintln!("skipped: refusing produce requests needs the mock cluster");
+        return;
+    };
+    // pr-3 fails for good (400): its dead letter is refused too.
+    let provider = Provider::start(|call| {
+        (
+            if call.event_id == "pr-3" { 400 } else { 200 },
+            Duration::ZERO,
+        )
+    })
+    .await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
+    kafka.produce(&events("pr", "notify", N, N)).await;
+    // The next produce requests (all of them the worker's now) are refused
+    // with a permanent error: librdkafka does not retry those itself, so the
+    // records come back to the worker as failed deliveries.
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    cluster.request_errors(RDKafkaApiKey::Produce, &[refused; 4]);
+
+    let worker = start_worker(kafka.settings(), &actions);
+    let results = kafka.results_for(N, "a result per event").await;
+    kafka.wait_committed_to_end(Duration::from_secs(30)).await;
+    let dead = kafka
+        .read_until(
+            &kafka.dlq,
+            "pr-3's dead letter",
+            Duration::from_secs(30),
+            |r| !r.is_empty(),
+        )
+        .await;
+    let finals = worker.final_ids();
+    worker.stop().await;
+
+    // Refused records were not written: each comes once, after its retries.
+    let mut got: Vec<String> = results.iter().map(Rec::event_id).collect();
+    got.sort();
+    let expected: Vec<String> = ids("pr", N).into_iter().collect();
+    assert_eq!(got, expected, "one result per event");
+    let dead_ids: Vec<String> = dead.iter().map(Rec::event_id).collect();
+    assert_eq!(dead_ids, ["pr-3"], "one dead letter");
+    // Final once acknowledged: the observer saw every event.
+    assert_eq!(finals, expected.into_iter().collect::<HashSet<_>>());
 }
 
 /// A config directory for `journey-actions run` against this test's topics.

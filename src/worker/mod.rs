@@ -3,20 +3,24 @@
 //! records, and commit offsets only below what is final.
 //!
 //! One task owns the consumer and the per-key queues (the consume loop);
-//! each event runs in a task of its own and reports back on a channel twice:
-//! when it has its outcome (its `max_in_flight` slot is free and the next
-//! event of its key may start) and when its records are acknowledged (its
-//! offset may be committed). At most `max_in_flight` events are before their
-//! outcome and at most `max_in_flight` more wait for acknowledgements.
-//! Offsets are tracked per partition and the committed position never passes
-//! an event whose records are not acknowledged by the broker.
+//! each event runs in a task of its own until its outcome: it enqueues the
+//! outcome's records in the producer and reports the outcome on a channel
+//! (its `max_in_flight` slot is free and the next event of its key may
+//! start). The producer's delivery callback reports each record's
+//! acknowledgement on the same channel, so acknowledgements reach the loop
+//! in batches, without waking the event's task again; once all of an
+//! event's records are acknowledged its offset may be committed. At most
+//! `max_in_flight` events are before their outcome and at most
+//! `max_in_flight` more wait for acknowledgements. Offsets are tracked per
+//! partition and the committed position never passes an event whose records
+//! are not acknowledged by the broker.
 
 pub mod context;
 pub mod offsets;
 pub mod records;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,8 @@ use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -96,25 +101,86 @@ struct Job {
     chain: Option<ChainKey>,
 }
 
-/// A job's reports to the consume loop: `Outcome`, then `Final`.
+/// What the consume loop hears: from an event's task, `Outcome`, and
+/// `Final` when there is no record to wait for; from the producer's delivery
+/// callback, `Acked` or `Failed` for each record.
 enum Report {
     /// The event has its outcome, or was abandoned before one: its slot is
     /// free and the next event of its key may start.
     Outcome { chain: Option<ChainKey> },
-    /// Its records are acknowledged, or it was abandoned.
+    /// The event has no record to wait for: it is final (`completed`), or
+    /// it was abandoned before its outcome.
     Final {
-        partition: i32,
-        offset: i64,
-        epoch: u64,
-        /// The outcome's records are acknowledged (false: abandoned).
+        event: Arc<Delivering>,
         completed: bool,
     },
+    /// One of the event's records is acknowledged by the broker.
+    Acked(Box<Delivery>),
+    /// One of its records could not be produced (enqueued or acknowledged):
+    /// it is produced again after a backoff.
+    Failed(Box<Delivery>, String),
 }
+
+/// An event whose outcome's records are being produced.
+struct Delivering {
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    cancel: CancellationToken,
+    /// Records not acknowledged (or abandoned) yet.
+    remaining: AtomicUsize,
+    /// A record was given up (the partition was revoked, or shutdown).
+    abandoned: AtomicBool,
+    consumed_at: Instant,
+    /// What the observer gets, built only when there is one.
+    finished: Option<Finished>,
+}
+
+/// One output record of an event, with what it takes to produce it again.
+struct Delivery {
+    event: Arc<Delivering>,
+    output: Output,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Option<OwnedHeaders>,
+    /// The wait before producing it again after a failure.
+    backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Output {
+    Result,
+    /// The dead letter of a failure with this outcome.
+    DeadLetter(OutcomeCode),
+}
+
+/// The producer's callbacks: every delivery report goes to the consume loop.
+struct Deliveries {
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        let report = match result {
+            Ok(_) => Report::Acked(delivery),
+            Err((e, _)) => Report::Failed(delivery, e.to_string()),
+        };
+        // The loop is gone only after shutdown; nothing waits for it then.
+        let _ = self.reports.send(report);
+    }
+}
+
+/// The producer of result and dead-letter records.
+type OutputProducer = ThreadedProducer<Deliveries>;
 
 /// What every job needs, shared.
 struct JobContext {
     dispatcher: Arc<Dispatcher>,
-    producer: FutureProducer,
+    producer: Arc<OutputProducer>,
     input_topic: String,
     results_topic: Option<String>,
     dlq_topic: String,
@@ -184,15 +250,19 @@ impl Worker {
         consumer
             .subscribe(&[&kafka.input_topic])
             .context("subscribing to the input topic")?;
-        let producer: FutureProducer = producer_config(&self.settings)
-            .create()
-            .context("creating the Kafka producer")?;
-
         let max_in_flight = dispatch.max_in_flight;
-        // Unbounded, yet bounded: every job sends two reports, and at most
-        // max_in_flight jobs are before their outcome and max_in_flight after
-        // it (plus the few records that arrive while pausing).
+        // Unbounded, yet bounded: each event sends an outcome and one report
+        // per record (two at most), and at most max_in_flight events are
+        // before their outcome and max_in_flight after it (plus the few
+        // records that arrive while pausing).
         let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
+        let producer: Arc<OutputProducer> = Arc::new(
+            producer_config(&self.settings)
+                .create_with_context(Deliveries {
+                    reports: report_tx.clone(),
+                })
+                .context("creating the Kafka producer")?,
+        );
         let jobs = Arc::new(JobContext {
             dispatcher: self.dispatcher.clone(),
             producer: producer.clone(),
@@ -265,12 +335,12 @@ impl Worker {
         // Shutdown: no more fetching; let what is held finish, up to the grace period.
         tracing::info!(in_flight = state.in_flight, delivering = state.delivering, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
         let deadline = tokio::time::Instant::now() + dispatch.shutdown_grace;
-        while state.in_flight + state.delivering > 0 {
+        while state.in_flight as isize + state.delivering > 0 {
             tokio::select! {
                 Some(report) = reports.recv() => state.report(report),
                 _ = commit_tick.tick() => state.commit(CommitMode::Async),
                 _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(abandoned = state.in_flight + state.delivering, "shutdown grace over: abandoning the rest (redelivered to the next owner)");
+                    tracing::warn!(abandoned = state.in_flight as isize + state.delivering, "shutdown grace over: abandoning the rest (redelivered to the next owner)");
                     shared.abandon_all();
                     break;
                 }
@@ -297,6 +367,10 @@ impl Worker {
         })
         .await
         .ok();
+        // The loop's share of the producer goes first, so that the last one
+        // (whose drop joins librdkafka's polling thread) is dropped here, off
+        // the runtime's threads.
+        drop(state);
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await
             .ok();
@@ -316,8 +390,11 @@ struct Loop {
     chains: HashMap<ChainKey, VecDeque<Job>>,
     /// Events consumed and without an outcome yet.
     in_flight: usize,
-    /// Events with an outcome whose records are not acknowledged yet.
-    delivering: usize,
+    /// Events with an outcome whose records are not acknowledged yet. Signed:
+    /// an event's records can be acknowledged before the loop reads its
+    /// outcome (the two reports come from different threads), and then this
+    /// is one below the count until it does.
+    delivering: isize,
     max_in_flight: usize,
     paused: bool,
     /// Since when the loop is [`Loop::full`] (reading stopped).
@@ -402,7 +479,7 @@ impl Loop {
     /// The larger of the events before their outcome and those waiting for
     /// their records' acknowledgements (each bounded by `max_in_flight`).
     fn load(&self) -> usize {
-        self.in_flight.max(self.delivering)
+        self.in_flight.max(self.delivering.max(0) as usize)
     }
 
     /// Whether the consumer is read: while not full, and while paused (its
@@ -421,22 +498,15 @@ impl Loop {
                     self.next_of(key);
                 }
             }
-            Report::Final {
-                partition,
-                offset,
-                epoch,
-                completed,
-            } => {
-                self.delivering -= 1;
-                if completed {
-                    let mut partitions = self.shared.partitions();
-                    if let Some(p) = partitions.get_mut(&partition) {
-                        if p.epoch == epoch {
-                            p.tracker.finished(offset);
-                        }
-                    }
+            Report::Final { event, completed } => self.settled(&event, completed),
+            Report::Acked(delivery) => {
+                if let Output::DeadLetter(code) = delivery.output {
+                    let label = code.to_string();
+                    self.jobs.metrics.dlq.with_label_values(&[&label]).inc();
                 }
+                self.record_done(&delivery.event, true);
             }
+            Report::Failed(delivery, error) => self.produce_again(delivery, error),
         }
         self.jobs.metrics.in_flight.set(self.in_flight as i64);
         if self.paused {
@@ -447,6 +517,65 @@ impl Loop {
         } else if !self.full() {
             self.full_since = None;
         }
+    }
+
+    /// One of the event's records is acknowledged (`acked`) or given up.
+    fn record_done(&mut self, event: &Delivering, acked: bool) {
+        if !acked {
+            event.abandoned.store(true, AtomicOrdering::Relaxed);
+        }
+        if event.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+            let completed = !event.abandoned.load(AtomicOrdering::Relaxed);
+            self.settled(event, completed);
+        }
+    }
+
+    /// The event is final: its offset may be committed (`completed`), or it
+    /// was abandoned and its partition's next owner runs it again.
+    fn settled(&mut self, event: &Delivering, completed: bool) {
+        self.delivering -= 1;
+        if !completed {
+            return;
+        }
+        {
+            let mut partitions = self.shared.partitions();
+            if let Some(p) = partitions.get_mut(&event.partition) {
+                if p.epoch == event.epoch {
+                    p.tracker.finished(event.offset);
+                }
+            }
+        }
+        if let (Some(observer), Some(finished)) = (&self.jobs.observer, &event.finished) {
+            observer(&Finished {
+                latency: event.consumed_at.elapsed(),
+                ..finished.clone()
+            });
+        }
+    }
+
+    /// Produces a record again after its backoff, until it is acknowledged:
+    /// an outcome is never skipped. Given up only when its partition is
+    /// revoked or shutdown abandons it.
+    fn produce_again(&mut self, mut delivery: Box<Delivery>, error: String) {
+        if delivery.event.cancel.is_cancelled() {
+            let event = delivery.event.clone();
+            self.record_done(&event, false);
+            return;
+        }
+        let wait = delivery.backoff;
+        delivery.backoff = (wait * 2).min(MAX_PRODUCE_BACKOFF);
+        tracing::warn!(topic = self.jobs.topic(delivery.output), %error, retry_in = ?wait, "produce failed; retrying");
+        let jobs = self.jobs.clone();
+        tokio::spawn(async move {
+            let cancel = delivery.event.cancel.clone();
+            tokio::select! {
+                // Back to the loop, which gives it up.
+                _ = cancel.cancelled() => {
+                    let _ = jobs.reports.send(Report::Failed(delivery, "abandoned".into()));
+                }
+                _ = tokio::time::sleep(wait) => produce(&jobs, delivery),
+            }
+        });
     }
 
     /// Starts the next waiting event of `key`, if any.
@@ -519,27 +648,72 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
         _ = cancel.cancelled() => None,
         decided = decide(&ctx, &record) => Some(decided),
     };
+    let Some(decided) = decided else {
+        // Abandoned before its outcome: its slot is free, its offset stays.
+        let event = Arc::new(Delivering::new(&ctx, &record, epoch, cancel, None));
+        let _ = ctx.reports.send(Report::Outcome { chain });
+        let _ = ctx.reports.send(Report::Final {
+            event,
+            completed: false,
+        });
+        return;
+    };
+    let event = Arc::new(Delivering::new(
+        &ctx,
+        &record,
+        epoch,
+        cancel,
+        Some(&decided),
+    ));
+    let deliveries = outputs(&ctx, &record, &event, &decided);
+    event
+        .remaining
+        .store(deliveries.len(), AtomicOrdering::Relaxed);
+    let nothing_to_produce = deliveries.is_empty();
     // Enqueued before the outcome is reported, so that the next event of the
-    // key, which may start then, cannot overtake these records. Boxed: the
-    // produce futures only live after the outcome, so events still waiting
-    // (for a permit, a backoff) do not carry them.
-    let delivery =
-        decided.map(|d| Box::pin(Pending::enqueue(&ctx, &record, d).deliver(&ctx, &record)));
+    // key, which may start then, cannot overtake these records.
+    for delivery in deliveries {
+        produce(&ctx, Box::new(delivery));
+    }
     // The loop is gone only after shutdown; nothing is left to report to then.
     let _ = ctx.reports.send(Report::Outcome { chain });
-    let completed = match delivery {
-        None => false,
-        Some(delivery) => tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = delivery => true,
-        },
-    };
-    let _ = ctx.reports.send(Report::Final {
-        partition: record.partition,
-        offset: record.offset,
-        epoch,
-        completed,
-    });
+    if nothing_to_produce {
+        let _ = ctx.reports.send(Report::Final {
+            event,
+            completed: true,
+        });
+    }
+}
+
+impl Delivering {
+    fn new(
+        ctx: &JobContext,
+        record: &Record,
+        epoch: u64,
+        cancel: CancellationToken,
+        decided: Option<&Decided>,
+    ) -> Delivering {
+        let finished = decided
+            .filter(|_| ctx.observer.is_some())
+            .map(|d| Finished {
+                action: action_label(&d.who, d.action_known).to_string(),
+                event_id: d.who.event_id.clone(),
+                code: d.outcome.code,
+                attempts: d.outcome.attempt_count(),
+                latency: Duration::ZERO, // set when final
+                to_outcome: d.took,
+            });
+        Delivering {
+            partition: record.partition,
+            offset: record.offset,
+            epoch,
+            cancel,
+            remaining: AtomicUsize::new(0),
+            abandoned: AtomicBool::new(false),
+            consumed_at: record.consumed_at,
+            finished,
+        }
+    }
 }
 
 /// An event's outcome, and who it was for.
@@ -720,145 +894,88 @@ async fn run(dispatcher: &Dispatcher, ready: Box<Ready>) -> (Outcome, ActionEven
     .await
 }
 
-/// An outcome whose records are enqueued in the producer.
-struct Pending<'c> {
-    decided: Decided,
-    /// The results topic, the result record, its delivery.
-    result: Option<(&'c str, Vec<u8>, Sent)>,
-    dead_letter: Option<(OwnedHeaders, Sent)>,
-}
-
-impl<'c> Pending<'c> {
-    fn enqueue(ctx: &'c JobContext, record: &Record, decided: Decided) -> Pending<'c> {
+/// The records an outcome produces: its result (when there is a results
+/// topic) and, for a failure, its dead letter.
+fn outputs(
+    ctx: &JobContext,
+    record: &Record,
+    event: &Arc<Delivering>,
+    decided: &Decided,
+) -> Vec<Delivery> {
+    let delivery = |output, value, headers| Delivery {
+        event: event.clone(),
+        output,
+        key: record.key.clone(),
+        value,
+        headers,
+        backoff: Duration::from_millis(100),
+    };
+    let mut deliveries = Vec::with_capacity(2);
+    if ctx.results_topic.is_some() {
         // The same duration as the metrics' (decide measured it).
         let elapsed_ms = decided.took.as_secs_f64() * 1000.0;
-        // Built only when there is a results topic to send it to.
-        let result = ctx.results_topic.as_deref().and_then(|topic| {
-            let value = records::result_value(&decided.who, &decided.outcome, elapsed_ms)?;
-            let sent = send(ctx, topic, record.key.as_deref(), Some(&value), None);
-            Some((topic, value, sent))
-        });
-        let dead_letter = decided.outcome.code.is_failure().then(|| {
-            let source = Source {
-                topic: &ctx.input_topic,
-                partition: record.partition,
-                offset: record.offset,
-            };
-            let mut headers = OwnedHeaders::new();
-            for (name, value) in records::dlq_headers(&decided.who, &decided.outcome, source) {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_str()),
-                });
-            }
-            let sent = send(
-                ctx,
-                &ctx.dlq_topic,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                Some(&headers),
-            );
-            (headers, sent)
-        });
-        Pending {
-            decided,
-            result,
-            dead_letter,
+        if let Some(value) = records::result_value(&decided.who, &decided.outcome, elapsed_ms) {
+            deliveries.push(delivery(Output::Result, Some(Bytes::from(value)), None));
         }
     }
-
-    /// Waits until every record is acknowledged, then tells the observer.
-    async fn deliver(self, ctx: &JobContext, record: &Record) {
-        let Pending {
-            decided,
-            result,
-            dead_letter,
-        } = self;
-        let key = record.key.as_deref();
-        let result = async {
-            if let Some((topic, value, sent)) = result {
-                acknowledged(ctx, topic, key, Some(&value), None, sent).await;
-            }
+    if decided.outcome.code.is_failure() {
+        let source = Source {
+            topic: &ctx.input_topic,
+            partition: record.partition,
+            offset: record.offset,
         };
-        let dead_letter = async {
-            if let Some((headers, sent)) = dead_letter {
-                let value = record.value.as_deref();
-                acknowledged(ctx, &ctx.dlq_topic, key, value, Some(&headers), sent).await;
-                ctx.metrics
-                    .dlq
-                    .with_label_values(&[&decided.outcome.code.to_string()])
-                    .inc();
-            }
-        };
-        tokio::join!(result, dead_letter);
-        if let Some(observer) = &ctx.observer {
-            observer(&Finished {
-                action: action_label(&decided.who, decided.action_known).to_string(),
-                event_id: decided.who.event_id,
-                code: decided.outcome.code,
-                attempts: decided.outcome.attempt_count(),
-                latency: record.consumed_at.elapsed(),
-                to_outcome: decided.took,
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in records::dlq_headers(&decided.who, &decided.outcome, source) {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_str()),
             });
+        }
+        let output = Output::DeadLetter(decided.outcome.code);
+        deliveries.push(delivery(output, record.value.clone(), Some(headers)));
+    }
+    deliveries
+}
+
+impl JobContext {
+    fn topic(&self, output: Output) -> &str {
+        match output {
+            Output::Result => self.results_topic.as_deref().unwrap_or_default(),
+            Output::DeadLetter(_) => &self.dlq_topic,
         }
     }
 }
 
-/// A record enqueued in the producer, or why it could not be.
-type Sent = Result<DeliveryFuture, rdkafka::error::KafkaError>;
-
-/// Enqueues one record in the producer.
-fn send(
-    ctx: &JobContext,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: Option<&OwnedHeaders>,
-) -> Sent {
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-    if let Some(k) = key {
+/// Enqueues one record in the producer; its delivery report, or the failure
+/// to enqueue it, goes to the consume loop.
+fn produce(ctx: &JobContext, delivery: Box<Delivery>) {
+    let topic = ctx.topic(delivery.output);
+    // The record borrows these while the delivery moves into it.
+    let (key, value, headers) = (
+        delivery.key.clone(),
+        delivery.value.clone(),
+        delivery.headers.clone(),
+    );
+    let mut record = BaseRecord::<[u8], [u8], Box<Delivery>>::with_opaque_to(topic, delivery);
+    if let Some(k) = key.as_deref() {
         record = record.key(k);
     }
-    if let Some(v) = value {
+    if let Some(v) = value.as_deref() {
         record = record.payload(v);
     }
     if let Some(h) = headers {
-        record = record.headers(h.clone());
+        record = record.headers(h);
     }
-    ctx.producer.send_result(record).map_err(|(e, _)| e)
-}
-
-/// Waits for the broker's acknowledgement of a record (`sent`, if it was
-/// enqueued), producing it again until it is acknowledged: an outcome is
-/// never skipped.
-async fn acknowledged(
-    ctx: &JobContext,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: Option<&OwnedHeaders>,
-    mut sent: Sent,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let error = match sent {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => e.to_string(),
-                Err(_) => "the producer dropped the delivery".to_string(),
-            },
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(topic, %error, retry_in = ?backoff, "produce failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_PRODUCE_BACKOFF);
-        sent = send(ctx, topic, key, value, headers);
+    if let Err((e, record)) = ctx.producer.send(record) {
+        let _ = ctx
+            .reports
+            .send(Report::Failed(record.delivery_opaque, e.to_string()));
     }
 }
 
 /// Fetches the metadata of the output topics while the consumer joins its
 /// group, and says early when one is missing (instead of at the first event).
-fn warm_up(producer: FutureProducer, topics: Vec<String>) {
+fn warm_up(producer: Arc<OutputProducer>, topics: Vec<String>) {
     for topic in topics {
         let metadata = producer
             .client()
