@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::action::{self, ActionSet};
 use crate::dispatch::client::{self, Redirects};
+use crate::dispatch::OutcomeCode;
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
@@ -678,7 +679,7 @@ async fn end_to_end(
                     at: Instant::now(),
                     latency: f.latency,
                     to_outcome: f.to_outcome,
-                    code: f.code.to_string(),
+                    code: f.code,
                 });
             }
         })
@@ -752,7 +753,7 @@ async fn end_to_end(
     let seconds = (last - first_consumed).as_secs_f64();
     let mut outcomes = BTreeMap::new();
     for f in finished.iter() {
-        *outcomes.entry(f.code.clone()).or_default() += 1;
+        *outcomes.entry(f.code.to_string()).or_default() += 1;
     }
     let warmup = if rate.is_some() {
         RATE_WARMUP
@@ -797,7 +798,7 @@ struct Seen {
     at: Instant,
     latency: Duration,
     to_outcome: Duration,
-    code: String,
+    code: OutcomeCode,
 }
 
 /// Produces the events at `rate` per second, in 1 ms steps, on a thread of

@@ -21,7 +21,7 @@ pub mod records;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -132,8 +132,9 @@ struct Delivering {
     /// A record was given up (the partition was revoked, or shutdown).
     abandoned: AtomicBool,
     consumed_at: Instant,
-    /// What the observer gets, built only when there is one.
-    finished: Option<Finished>,
+    /// What the observer gets, built only when there is one (taken once,
+    /// when the event is final).
+    finished: Mutex<Option<Finished>>,
 }
 
 /// One output record of an event, with what it takes to produce it again.
@@ -545,11 +546,12 @@ impl Loop {
                 }
             }
         }
-        if let (Some(observer), Some(finished)) = (&self.jobs.observer, &event.finished) {
-            observer(&Finished {
-                latency: event.consumed_at.elapsed(),
-                ..finished.clone()
-            });
+        if let Some(observer) = &self.jobs.observer {
+            let taken = event.finished.lock().ok().and_then(|mut f| f.take());
+            if let Some(mut finished) = taken {
+                finished.latency = event.consumed_at.elapsed();
+                observer(&finished);
+            }
         }
     }
 
@@ -711,7 +713,7 @@ impl Delivering {
             remaining: AtomicUsize::new(0),
             abandoned: AtomicBool::new(false),
             consumed_at: record.consumed_at,
-            finished,
+            finished: Mutex::new(finished),
         }
     }
 }
