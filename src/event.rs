@@ -136,6 +136,12 @@ impl ActionEvent {
     pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
         self.deadline.is_some_and(|d| now >= d)
     }
+
+    /// Whether `expires_at` has passed; the clock is read only when there
+    /// is one.
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Utc::now() >= d)
+    }
 }
 
 /// The fields of a valid event as JSON types them, for the direct parse.

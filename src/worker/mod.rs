@@ -9,9 +9,11 @@
 //! start). The producer's delivery callback reports each record's
 //! acknowledgement on the same channel, so acknowledgements reach the loop
 //! in batches, without waking the event's task again; once all of an
-//! event's records are acknowledged its offset may be committed. At most
-//! `max_in_flight` events are before their outcome and at most
-//! `max_in_flight` more wait for acknowledgements. Offsets are tracked per
+//! event's records are acknowledged its offset may be committed. Reading
+//! stops while `max_in_flight` events are before their outcome or as many
+//! wait for acknowledgements, so each count stays near `max_in_flight`
+//! (the second can pass it by the events that were in flight when reading
+//! stopped: below 2 × `max_in_flight` in all). Offsets are tracked per
 //! partition and the committed position never passes an event whose records
 //! are not acknowledged by the broker.
 
@@ -117,7 +119,8 @@ enum Report {
     /// One of the event's records is acknowledged by the broker.
     Acked(Box<Delivery>),
     /// One of its records could not be produced (enqueued or acknowledged):
-    /// it is produced again after a backoff.
+    /// it is produced again after a backoff, or given up if its event was
+    /// abandoned (partition revoked, shutdown grace over).
     Failed(Box<Delivery>, String),
 }
 
@@ -216,7 +219,8 @@ impl Worker {
         })
     }
 
-    /// Called once per final event (after its records are acknowledged).
+    /// Called once per final event (after its records are acknowledged;
+    /// not for an event whose partition was revoked meanwhile).
     pub fn with_observer(mut self, observer: Observer) -> Worker {
         self.observer = Some(observer);
         self
@@ -253,9 +257,8 @@ impl Worker {
             .context("subscribing to the input topic")?;
         let max_in_flight = dispatch.max_in_flight;
         // Unbounded, yet bounded: each event sends an outcome and one report
-        // per record (two at most), and at most max_in_flight events are
-        // before their outcome and max_in_flight after it (plus the few
-        // records that arrive while pausing).
+        // per record (two at most), and reading stops while max_in_flight
+        // events are before their outcome or after it (see the module doc).
         let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
         let producer: Arc<OutputProducer> = Arc::new(
             producer_config(&self.settings)
@@ -394,7 +397,7 @@ struct Loop {
     /// Events with an outcome whose records are not acknowledged yet. Signed:
     /// an event's records can be acknowledged before the loop reads its
     /// outcome (the two reports come from different threads), and then this
-    /// is one below the count until it does.
+    /// is below the count, by one per such event, until it does.
     delivering: isize,
     max_in_flight: usize,
     paused: bool,
@@ -517,6 +520,12 @@ impl Loop {
             }
         } else if !self.full() {
             self.full_since = None;
+        } else if self.full_since.is_none() {
+            // Full through the acknowledgement wait (outcomes moving events
+            // to `delivering`): the pause timer runs from here too, or a
+            // stalled output topic would keep the consumer unread, and its
+            // rebalances unserved, for as long as it lasts.
+            self.full_since = Some(tokio::time::Instant::now());
         }
     }
 
@@ -538,13 +547,16 @@ impl Loop {
         if !completed {
             return;
         }
-        {
+        let ours = {
             let mut partitions = self.shared.partitions();
-            if let Some(p) = partitions.get_mut(&event.partition) {
-                if p.epoch == event.epoch {
-                    p.tracker.finished(event.offset);
-                }
+            match partitions.get_mut(&event.partition) {
+                Some(p) if p.epoch == event.epoch => p.tracker.finished(event.offset),
+                // Revoked meanwhile: the next owner runs it again.
+                _ => false,
             }
+        };
+        if !ours {
+            return;
         }
         if let Some(observer) = &self.jobs.observer {
             let taken = event.finished.lock().ok().and_then(|mut f| f.take());
@@ -668,12 +680,14 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
         Some(&decided),
     ));
     let deliveries = outputs(&ctx, &record, &event, &decided);
+    // Before any record is sent: its report may come at once.
     event
         .remaining
-        .store(deliveries.len(), AtomicOrdering::Relaxed);
+        .store(deliveries.len(), AtomicOrdering::Release);
     let nothing_to_produce = deliveries.is_empty();
     // Enqueued before the outcome is reported, so that the next event of the
-    // key, which may start then, cannot overtake these records.
+    // key, which may start then, does not overtake these records (unless one
+    // of them has to be produced again).
     for delivery in deliveries {
         produce(&ctx, Box::new(delivery));
     }
