@@ -2294,6 +2294,64 @@ async fn ordering_partition_runs_one_event_at_a_time_in_offset_order() {
     assert_eq!(provider.peak_concurrency(None), 1, "one call at a time");
 }
 
+/// SPEC §6 `partition`: one event at a time per partition, in offset order,
+/// and the partitions side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_partition_runs_the_partitions_side_by_side_each_in_offset_order() {
+    const PARTITIONS: i32 = 4;
+    const PER_PARTITION: usize = 15;
+    let kafka = Setup::new("partition-window", PARTITIONS).await;
+    let provider = Provider::start(|_| (200, Duration::from_millis(40))).await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
+    for p in 0..PARTITIONS {
+        let prefix = format!("pw{p}");
+        kafka
+            .produce_to(
+                Some(p),
+                &events(&prefix, "notify", PER_PARTITION, PER_PARTITION),
+            )
+            .await;
+    }
+
+    let mut settings = kafka.settings();
+    settings.dispatch.ordering = Ordering::Partition;
+    settings.dispatch.max_in_flight = 8;
+    let worker = start_worker(settings, &actions);
+    let total = PARTITIONS as usize * PER_PARTITION;
+    eventually("every event is final", Duration::from_secs(60), || {
+        std::future::ready((worker.finished().len() >= total).then_some(()))
+    })
+    .await;
+    worker.stop().await;
+
+    // Each partition still runs one event at a time, in offset order.
+    let mut seen = provider.seen();
+    seen.sort_by_key(|s| s.call.arrived);
+    for p in 0..PARTITIONS {
+        let prefix = format!("pw{p}-");
+        let calls: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| s.call.event_id.starts_with(&prefix))
+            .collect();
+        let order: Vec<String> = calls.iter().map(|s| s.call.event_id.clone()).collect();
+        let produced: Vec<String> = (0..PER_PARTITION).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(order, produced, "partition {p}: calls in offset order");
+        for pair in calls.windows(2) {
+            assert!(
+                pair[1].call.arrived >= pair[0].call.arrived + pair[0].delay,
+                "partition {p}: {} was called before {} was answered",
+                pair[1].call.event_id,
+                pair[0].call.event_id
+            );
+        }
+    }
+    let peak = provider.peak_concurrency(None);
+    assert!(
+        peak >= 3,
+        "at most {peak} of {PARTITIONS} partitions were called at once"
+    );
+}
+
 /// SPEC §6 `none`: no order, so one key's events run concurrently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_none_runs_one_keys_events_concurrently() {
