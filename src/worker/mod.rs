@@ -21,7 +21,7 @@ pub mod context;
 pub mod offsets;
 pub mod records;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -291,6 +291,8 @@ impl Worker {
             jobs,
             ordering: dispatch.ordering,
             chains: HashMap::new(),
+            queued: HashMap::new(),
+            held_back: HashSet::new(),
             in_flight: 0,
             delivering: 0,
             max_in_flight,
@@ -392,6 +394,11 @@ struct Loop {
     ordering: Ordering,
     /// Keys with an event running; the queue holds the ones waiting behind it.
     chains: HashMap<ChainKey, VecDeque<Job>>,
+    /// Per partition, the events waiting in `chains` (behind a running one).
+    queued: HashMap<i32, usize>,
+    /// Partitions paused because their waiting events fill their share of
+    /// `max_in_flight` ([`Loop::queue_grew`]).
+    held_back: HashSet<i32>,
     /// Events consumed and without an outcome yet.
     in_flight: usize,
     /// Events with an outcome whose records are not acknowledged yet. Signed:
@@ -457,7 +464,10 @@ impl Loop {
         };
         match chain {
             Some(key) => match self.chains.get_mut(&key) {
-                Some(waiting) => waiting.push_back(job),
+                Some(waiting) => {
+                    waiting.push_back(job);
+                    self.queue_grew(partition);
+                }
                 None => {
                     self.chains.insert(key, VecDeque::new());
                     self.spawn(job);
@@ -468,10 +478,55 @@ impl Loop {
         if self.full() && self.full_since.is_none() {
             self.full_since = Some(tokio::time::Instant::now());
         }
-        // A new assignment starts unpaused: pause it too while we are paused.
-        if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) && self.paused {
-            self.set_paused(true);
+        // A new assignment starts unpaused: pause it too while we are
+        // paused, and the partitions held back that are still ours.
+        if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) {
+            if self.paused {
+                self.set_paused(true);
+            }
+            let ours: HashSet<i32> = self.shared.partitions().keys().copied().collect();
+            self.held_back.retain(|p| ours.contains(p));
+            let held: Vec<i32> = self.held_back.iter().copied().collect();
+            self.pause_partitions(&held, true);
         }
+    }
+
+    /// An event of `partition` waits behind another of its key. Records come
+    /// from librdkafka a partition at a time, so with `partition` ordering
+    /// (or a few busy keys) one partition's backlog could fill the whole
+    /// `max_in_flight` window and run one event at a time while the other
+    /// partitions go unread: once its waiting events fill its share of the
+    /// window, the partition is paused until half of them have started.
+    fn queue_grew(&mut self, partition: i32) {
+        let queued = self.queued.entry(partition).or_default();
+        *queued += 1;
+        if *queued >= self.share() && self.held_back.insert(partition) {
+            self.pause_partitions(&[partition], true);
+        }
+    }
+
+    /// An event of `partition` that waited has started (or was dropped).
+    fn queue_shrank(&mut self, partition: i32) {
+        let left = match self.queued.get_mut(&partition) {
+            Some(queued) => {
+                *queued = queued.saturating_sub(1);
+                *queued
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.queued.remove(&partition);
+        }
+        if left <= self.share() / 2 && self.held_back.remove(&partition) && !self.paused {
+            // (While everything is paused, the general resume takes it too.)
+            self.pause_partitions(&[partition], false);
+        }
+    }
+
+    /// A partition's share of `max_in_flight` for waiting events.
+    fn share(&self) -> usize {
+        let assigned = self.shared.partitions().len().max(1);
+        (self.max_in_flight / assigned).max(1)
     }
 
     /// No reading while `max_in_flight` events are before their outcome,
@@ -595,7 +650,11 @@ impl Loop {
     /// Starts the next waiting event of `key`, if any.
     fn next_of(&mut self, key: ChainKey) {
         loop {
-            match self.chains.get_mut(&key).and_then(VecDeque::pop_front) {
+            let next = self.chains.get_mut(&key).and_then(VecDeque::pop_front);
+            if next.is_some() {
+                self.queue_shrank(key.0);
+            }
+            match next {
                 // Its partition was revoked: the new owner will run it.
                 Some(next) if next.cancel.is_cancelled() => self.in_flight -= 1,
                 Some(next) => {
@@ -621,7 +680,14 @@ impl Loop {
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            // Not the partitions held back for their own backlog.
+            let mut resumed = TopicPartitionList::new();
+            for e in assignment.elements() {
+                if !self.held_back.contains(&e.partition()) {
+                    resumed.add_partition(e.topic(), e.partition());
+                }
+            }
+            self.consumer.resume(&resumed)
         };
         match result {
             Ok(()) => {
@@ -634,6 +700,26 @@ impl Loop {
                 );
             }
             Err(e) => tracing::warn!(error = %e, pause, "pause/resume failed"),
+        }
+    }
+
+    /// Pauses or resumes some partitions of the input topic.
+    fn pause_partitions(&self, partitions: &[i32], pause: bool) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for &p in partitions {
+            list.add_partition(&self.shared.topic, p);
+        }
+        let result = if pause {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        match result {
+            Ok(()) => tracing::debug!(?partitions, pause, "partition backlog"),
+            Err(e) => tracing::warn!(error = %e, ?partitions, pause, "pause/resume failed"),
         }
     }
 
