@@ -110,6 +110,13 @@ impl ConsumerContext for WorkerContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
+        // A pause by the application outlives the assignment in librdkafka:
+        // a partition paused now (backpressure, its own backlog) would still
+        // be paused, and never read, if it were assigned to us again. The
+        // rebalance keeps it from fetching until it is unassigned anyway.
+        if let Err(e) = consumer.resume(revoked) {
+            tracing::warn!(error = %e, "resuming revoked partitions failed");
+        }
         // Commit what is final, then forget the partitions: work that finishes
         // after this point is never committed by this worker.
         let ids: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();

@@ -293,6 +293,7 @@ impl Worker {
             chains: HashMap::new(),
             queued: HashMap::new(),
             held_back: HashSet::new(),
+            draining: false,
             in_flight: 0,
             delivering: 0,
             max_in_flight,
@@ -338,6 +339,7 @@ impl Worker {
         }
 
         drop(messages);
+        state.draining = true;
         // Shutdown: no more fetching; let what is held finish, up to the grace period.
         tracing::info!(in_flight = state.in_flight, delivering = state.delivering, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
         let deadline = tokio::time::Instant::now() + dispatch.shutdown_grace;
@@ -399,6 +401,8 @@ struct Loop {
     /// Partitions paused because their waiting events fill their share of
     /// `max_in_flight` ([`Loop::queue_grew`]).
     held_back: HashSet<i32>,
+    /// Shutdown: the consumer is no longer read.
+    draining: bool,
     /// Events consumed and without an outcome yet.
     in_flight: usize,
     /// Events with an outcome whose records are not acknowledged yet. Signed:
@@ -495,12 +499,13 @@ impl Loop {
     /// from librdkafka a partition at a time, so with `partition` ordering
     /// (or a few busy keys) one partition's backlog could fill the whole
     /// `max_in_flight` window and run one event at a time while the other
-    /// partitions go unread: once its waiting events fill its share of the
-    /// window, the partition is paused until half of them have started.
+    /// partitions go unread: once its waiting events reach its share of the
+    /// window ([`Loop::hold_back_at`]), the partition is paused until half of
+    /// them have started.
     fn queue_grew(&mut self, partition: i32) {
         let queued = self.queued.entry(partition).or_default();
         *queued += 1;
-        if *queued >= self.share() && self.held_back.insert(partition) {
+        if *queued >= self.hold_back_at() && self.held_back.insert(partition) {
             self.pause_partitions(&[partition], true);
         }
     }
@@ -517,16 +522,21 @@ impl Loop {
         if left == 0 {
             self.queued.remove(&partition);
         }
-        if left <= self.share() / 2 && self.held_back.remove(&partition) && !self.paused {
-            // (While everything is paused, the general resume takes it too.)
-            self.pause_partitions(&[partition], false);
+        if left <= self.hold_back_at() / 2 && self.held_back.remove(&partition) {
+            // While everything is paused, the general resume takes it too;
+            // while draining for shutdown, nothing reads it.
+            if !self.paused && !self.draining {
+                self.pause_partitions(&[partition], false);
+            }
         }
     }
 
-    /// A partition's share of `max_in_flight` for waiting events.
-    fn share(&self) -> usize {
+    /// How many waiting events hold a partition back: its share of
+    /// `max_in_flight`, and at least 4, so that a window smaller than the
+    /// partitions does not pause and resume (and fetch again) per event.
+    fn hold_back_at(&self) -> usize {
         let assigned = self.shared.partitions().len().max(1);
-        (self.max_in_flight / assigned).max(1)
+        (self.max_in_flight / assigned).max(4)
     }
 
     /// No reading while `max_in_flight` events are before their outcome,
