@@ -583,6 +583,16 @@ impl Running {
     }
 }
 
+/// Runs a worker until `total` events are final, then stops it.
+async fn run_until_final(settings: Settings, actions: &Actions, total: usize) {
+    let worker = start_worker(settings, actions);
+    eventually("every event is final", Duration::from_secs(60), || {
+        std::future::ready((worker.finished().len() >= total).then_some(()))
+    })
+    .await;
+    worker.stop().await;
+}
+
 /// Polls `check` until it returns `Some`, failing with `what` after `within`.
 async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
 where
@@ -2279,12 +2289,7 @@ async fn ordering_partition_runs_one_event_at_a_time_in_offset_order() {
 
     let mut settings = kafka.settings();
     settings.dispatch.ordering = Ordering::Partition;
-    let worker = start_worker(settings, &actions);
-    eventually("every event is final", Duration::from_secs(60), || {
-        std::future::ready((worker.finished().len() >= N).then_some(()))
-    })
-    .await;
-    worker.stop().await;
+    run_until_final(settings, &actions, N).await;
 
     let mut seen = provider.seen();
     seen.sort_by_key(|s| s.call.arrived);
@@ -2316,13 +2321,8 @@ async fn ordering_partition_runs_the_partitions_side_by_side_each_in_offset_orde
     let mut settings = kafka.settings();
     settings.dispatch.ordering = Ordering::Partition;
     settings.dispatch.max_in_flight = 8;
-    let worker = start_worker(settings, &actions);
     let total = PARTITIONS as usize * PER_PARTITION;
-    eventually("every event is final", Duration::from_secs(60), || {
-        std::future::ready((worker.finished().len() >= total).then_some(()))
-    })
-    .await;
-    worker.stop().await;
+    run_until_final(settings, &actions, total).await;
 
     // Each partition still runs one event at a time, in offset order.
     let mut seen = provider.seen();
@@ -2398,13 +2398,8 @@ async fn one_partitions_backlog_does_not_keep_the_others_waiting() {
     let mut settings = kafka.settings();
     settings.dispatch.ordering = Ordering::Partition;
     settings.dispatch.max_in_flight = 16;
-    let worker = start_worker(settings, &actions);
     let total = PARTITIONS as usize * PER_PARTITION;
-    eventually("every event is final", Duration::from_secs(60), || {
-        std::future::ready((worker.finished().len() >= total).then_some(()))
-    })
-    .await;
-    worker.stop().await;
+    run_until_final(settings, &actions, total).await;
 
     let seen = provider.seen();
     assert_eq!(seen.len(), total, "each event called once");
@@ -2426,12 +2421,7 @@ async fn ordering_none_runs_one_keys_events_concurrently() {
 
     let mut settings = kafka.settings();
     settings.dispatch.ordering = Ordering::None;
-    let worker = start_worker(settings, &actions);
-    eventually("every event is final", Duration::from_secs(60), || {
-        std::future::ready((worker.finished().len() >= N).then_some(()))
-    })
-    .await;
-    worker.stop().await;
+    run_until_final(settings, &actions, N).await;
 
     assert_eq!(provider.seen().len(), N);
     let peak = provider.peak_concurrency(None);
