@@ -108,14 +108,14 @@ struct Job {
 /// callback, `Acked` or `Failed` for each record.
 enum Report {
     /// The event has its outcome, or was abandoned before one: its slot is
-    /// free and the next event of its key may start.
-    Outcome { chain: Option<ChainKey> },
-    /// The event has no record to wait for: it is final (`completed`), or
-    /// it was abandoned before its outcome.
-    Final {
-        event: Arc<Delivering>,
-        completed: bool,
+    /// free and the next event of its key may start. `delivering`: it now
+    /// waits for its records (false: abandoned, nothing more comes).
+    Outcome {
+        chain: Option<ChainKey>,
+        delivering: bool,
     },
+    /// The event has its outcome and no record to wait for: it is final.
+    Final(Arc<Delivering>),
     /// One of the event's records is acknowledged by the broker.
     Acked(Box<Delivery>),
     /// One of its records could not be produced (enqueued or acknowledged):
@@ -479,9 +479,7 @@ impl Loop {
             },
             None => self.spawn(job),
         }
-        if self.full() && self.full_since.is_none() {
-            self.full_since = Some(tokio::time::Instant::now());
-        }
+        self.track_full();
         // A new assignment starts unpaused: pause it too while we are
         // paused, and the partitions held back that are still ours.
         if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) {
@@ -491,7 +489,9 @@ impl Loop {
             let ours: HashSet<i32> = self.shared.partitions().keys().copied().collect();
             self.held_back.retain(|p| ours.contains(p));
             let held: Vec<i32> = self.held_back.iter().copied().collect();
-            self.pause_partitions(&held, true);
+            if !held.is_empty() {
+                self.pause_partitions(&held, true);
+            }
         }
     }
 
@@ -506,6 +506,7 @@ impl Loop {
         let queued = self.queued.entry(partition).or_default();
         *queued += 1;
         if *queued >= self.hold_back_at() && self.held_back.insert(partition) {
+            tracing::debug!(partition, "backlog: partition paused");
             self.pause_partitions(&[partition], true);
         }
     }
@@ -526,6 +527,7 @@ impl Loop {
             // While everything is paused, the general resume takes it too;
             // while draining for shutdown, nothing reads it.
             if !self.paused && !self.draining {
+                tracing::debug!(partition, "backlog: partition resumed");
                 self.pause_partitions(&[partition], false);
             }
         }
@@ -560,14 +562,14 @@ impl Loop {
 
     fn report(&mut self, report: Report) {
         match report {
-            Report::Outcome { chain } => {
+            Report::Outcome { chain, delivering } => {
                 self.in_flight -= 1;
-                self.delivering += 1;
+                self.delivering += isize::from(delivering);
                 if let Some(key) = chain {
                     self.next_of(key);
                 }
             }
-            Report::Final { event, completed } => self.settled(&event, completed),
+            Report::Final(event) => self.settled(&event, true),
             Report::Acked(delivery) => {
                 if let Output::DeadLetter(code) = delivery.output {
                     let label = code.to_string();
@@ -583,13 +585,20 @@ impl Loop {
                 self.set_paused(false);
                 self.full_since = None;
             }
-        } else if !self.full() {
+        } else {
+            self.track_full();
+        }
+    }
+
+    /// Starts the pause timer ([`PAUSE_AFTER`]) when the loop becomes full,
+    /// whether by a record read or by outcomes moving events to the
+    /// acknowledgement wait (a stalled output topic would otherwise keep the
+    /// consumer unread, and its rebalances unserved, as long as it lasts),
+    /// and stops it when the loop is no longer full.
+    fn track_full(&mut self) {
+        if !self.full() {
             self.full_since = None;
         } else if self.full_since.is_none() {
-            // Full through the acknowledgement wait (outcomes moving events
-            // to `delivering`): the pause timer runs from here too, or a
-            // stalled output topic would keep the consumer unread, and its
-            // rebalances unserved, for as long as it lasts.
             self.full_since = Some(tokio::time::Instant::now());
         }
     }
@@ -679,6 +688,8 @@ impl Loop {
         }
     }
 
+    /// Pauses or resumes the whole assignment (backpressure). A resume
+    /// leaves the partitions held back for their own backlog paused.
     fn set_paused(&mut self, pause: bool) {
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
@@ -687,37 +698,26 @@ impl Loop {
                 return;
             }
         };
-        let result = if pause {
-            self.consumer.pause(&assignment)
-        } else {
-            // Not the partitions held back for their own backlog.
-            let mut resumed = TopicPartitionList::new();
-            for e in assignment.elements() {
-                if !self.held_back.contains(&e.partition()) {
-                    resumed.add_partition(e.topic(), e.partition());
-                }
-            }
-            self.consumer.resume(&resumed)
-        };
-        match result {
-            Ok(()) => {
-                self.paused = pause;
-                tracing::debug!(
-                    pause,
-                    in_flight = self.in_flight,
-                    delivering = self.delivering,
-                    "backpressure"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, pause, "pause/resume failed"),
+        let partitions: Vec<i32> = assignment
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .filter(|p| pause || !self.held_back.contains(p))
+            .collect();
+        if self.pause_partitions(&partitions, pause) {
+            self.paused = pause;
+            tracing::debug!(
+                pause,
+                in_flight = self.in_flight,
+                delivering = self.delivering,
+                "backpressure"
+            );
         }
     }
 
-    /// Pauses or resumes some partitions of the input topic.
-    fn pause_partitions(&self, partitions: &[i32], pause: bool) {
-        if partitions.is_empty() {
-            return;
-        }
+    /// Pauses or resumes some partitions of the input topic; false if
+    /// librdkafka refused.
+    fn pause_partitions(&self, partitions: &[i32], pause: bool) -> bool {
         let mut list = TopicPartitionList::new();
         for &p in partitions {
             list.add_partition(&self.shared.topic, p);
@@ -728,8 +728,11 @@ impl Loop {
             self.consumer.resume(&list)
         };
         match result {
-            Ok(()) => tracing::debug!(?partitions, pause, "partition backlog"),
-            Err(e) => tracing::warn!(error = %e, ?partitions, pause, "pause/resume failed"),
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, ?partitions, pause, "pause/resume failed");
+                false
+            }
         }
     }
 
@@ -760,21 +763,13 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
     };
     let Some(decided) = decided else {
         // Abandoned before its outcome: its slot is free, its offset stays.
-        let event = Arc::new(Delivering::new(&ctx, &record, epoch, cancel, None));
-        let _ = ctx.reports.send(Report::Outcome { chain });
-        let _ = ctx.reports.send(Report::Final {
-            event,
-            completed: false,
+        let _ = ctx.reports.send(Report::Outcome {
+            chain,
+            delivering: false,
         });
         return;
     };
-    let event = Arc::new(Delivering::new(
-        &ctx,
-        &record,
-        epoch,
-        cancel,
-        Some(&decided),
-    ));
+    let event = Arc::new(Delivering::new(&ctx, &record, epoch, cancel, &decided));
     let deliveries = outputs(&ctx, &record, &event, &decided);
     // Before any record is sent: its report may come at once.
     event
@@ -788,12 +783,12 @@ async fn run_job(ctx: Arc<JobContext>, job: Job) {
         produce(&ctx, Box::new(delivery));
     }
     // The loop is gone only after shutdown; nothing is left to report to then.
-    let _ = ctx.reports.send(Report::Outcome { chain });
+    let _ = ctx.reports.send(Report::Outcome {
+        chain,
+        delivering: true,
+    });
     if nothing_to_produce {
-        let _ = ctx.reports.send(Report::Final {
-            event,
-            completed: true,
-        });
+        let _ = ctx.reports.send(Report::Final(event));
     }
 }
 
@@ -803,18 +798,16 @@ impl Delivering {
         record: &Record,
         epoch: u64,
         cancel: CancellationToken,
-        decided: Option<&Decided>,
+        decided: &Decided,
     ) -> Delivering {
-        let finished = decided
-            .filter(|_| ctx.observer.is_some())
-            .map(|d| Finished {
-                action: action_label(&d.who, d.action_known).to_string(),
-                event_id: d.who.event_id.clone(),
-                code: d.outcome.code,
-                attempts: d.outcome.attempt_count(),
-                latency: Duration::ZERO, // set when final
-                to_outcome: d.took,
-            });
+        let finished = ctx.observer.is_some().then(|| Finished {
+            action: action_label(&decided.who, decided.action_known).to_string(),
+            event_id: decided.who.event_id.clone(),
+            code: decided.outcome.code,
+            attempts: decided.outcome.attempt_count(),
+            latency: Duration::ZERO, // set when final
+            to_outcome: decided.took,
+        });
         Delivering {
             partition: record.partition,
             offset: record.offset,
