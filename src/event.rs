@@ -136,12 +136,6 @@ impl ActionEvent {
     pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
         self.deadline.is_some_and(|d| now >= d)
     }
-
-    /// Whether `expires_at` has passed; the clock is read only when there
-    /// is one.
-    pub fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Utc::now() >= d)
-    }
 }
 
 /// The fields of a valid event as JSON types them, for the direct parse.
@@ -162,15 +156,18 @@ impl Typed {
     /// The event, if the record is a valid one (`None`: let `from_value`
     /// say what is wrong).
     fn parse(bytes: &[u8]) -> Option<ActionEvent> {
+        // A derived Deserialize also takes a JSON array of the fields in
+        // order; an event is an object (SPEC §5.1).
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return None;
+        }
         let t: Typed = serde_json::from_slice(bytes).ok()?;
         if t.event_id.is_empty() || t.action_id.is_empty() || t.profile_id.is_empty() {
             return None;
         }
         let time = |raw: &Option<String>| match raw {
             None => Some(None),
-            Some(s) => DateTime::parse_from_rfc3339(s)
-                .ok()
-                .map(|t| Some(t.with_timezone(&Utc))),
+            Some(s) => parse_time(s).ok().map(Some),
         };
         time(&t.emitted_at)?;
         let deadline = time(&t.expires_at)?;
@@ -221,14 +218,19 @@ fn take_object(
     }
 }
 
+/// An RFC 3339 time, in UTC.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc))
+}
+
 fn take_time(
     map: &mut Map<String, Value>,
     field: &str,
 ) -> Result<Option<(String, DateTime<Utc>)>, String> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
-            Ok(t) => Ok(Some((s, t.with_timezone(&Utc)))),
+        Some(Value::String(s)) => match parse_time(&s) {
+            Ok(t) => Ok(Some((s, t))),
             Err(e) => Err(format!(
                 "{field} must be an RFC 3339 time such as 2026-11-23T18:00:00Z: `{s}`: {e}"
             )),
@@ -356,10 +358,22 @@ mod tests {
                 Some(""),
             ),
         ];
+        let table = table.into_iter().chain([(
+            // Every field of a valid event, in order, as an array.
+            json!(["e", "a", "p", null, null, null, null, null]),
+            "must be a JSON object",
+            None,
+        )]);
         for (value, reason, id) in table {
-            let err = ActionEvent::from_value(value.clone()).unwrap_err();
-            assert!(err.reason.contains(reason), "{value}: {}", err.reason);
-            assert_eq!(err.event_id.as_deref(), id, "{value}");
+            // As a JSON value, and as the bytes of a record (the worker's path).
+            let bytes = serde_json::to_vec(&value).expect("serialises");
+            for err in [
+                ActionEvent::from_value(value.clone()).unwrap_err(),
+                ActionEvent::from_slice(&bytes).unwrap_err(),
+            ] {
+                assert!(err.reason.contains(reason), "{value}: {}", err.reason);
+                assert_eq!(err.event_id.as_deref(), id, "{value}");
+            }
         }
         let err = ActionEvent::from_slice(b"{not json").unwrap_err();
         assert!(err.reason.starts_with("not valid JSON"));

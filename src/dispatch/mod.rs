@@ -394,7 +394,7 @@ pub fn prepare(
     let missing = def
         .check_params(&event.params)
         .map_err(|e| Outcome::early(OutcomeCode::InvalidEvent, e))?;
-    if event.expired() {
+    if event.expired_at(Utc::now()) {
         return Err(Outcome::early(
             OutcomeCode::Expired,
             "expires_at passed before the event could be sent",
