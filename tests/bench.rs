@@ -71,6 +71,7 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         "5ms",
     ]);
 
+    // Counted as they happen: answers read, events consumed.
     for phase in ["limit_http", "limit_kafka", "kafka_round_trip"] {
         assert_eq!(
             number(&report, &format!("{phase}.count")),
@@ -83,14 +84,11 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         );
     }
     let e2e = &report["end_to_end"];
-    assert_eq!(number(&report, "end_to_end.events"), events as f64);
     assert_eq!(
         e2e["outcomes"],
         serde_json::json!({ "ok": events }),
         "every event ends ok"
     );
-    // Without --rate no event is left out of the latency figures.
-    assert_eq!(number(&report, "end_to_end.latency_events"), events as f64);
 
     // The ratio is end-to-end over the lower limit.
     let limit =

@@ -491,8 +491,9 @@ fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Limit A: the rendered requests sent with the worker's client settings at
-/// the worker's concurrency. Also returns what parsing and rendering one
-/// event costs (µs, single thread), measured while the requests are made.
+/// the worker's concurrency; `count` is the answers read. Also returns what
+/// parsing and rendering one event costs (µs, on one thread, before the
+/// requests are sent: all events over the time to prepare them).
 async fn http_limit(
     actions: &ActionSet,
     events: &[(String, Vec<u8>)],
@@ -522,24 +523,27 @@ async fn http_limit(
     for _ in 0..concurrency.min(total) {
         let (client, requests, next) = (client.clone(), requests.clone(), next.clone());
         tasks.spawn(async move {
+            let mut answered = 0usize;
             loop {
                 let i = next.fetch_add(1, AtomicOrdering::Relaxed);
                 if i >= total {
-                    return Ok::<(), reqwest::Error>(());
+                    return Ok::<usize, reqwest::Error>(answered);
                 }
                 let req = crate::dispatch::to_request(&requests[i % requests.len()]);
                 let resp = client.execute(req).await?;
                 let _ = resp.bytes().await?;
+                answered += 1;
             }
         });
     }
+    let mut answered = 0;
     while let Some(r) = tasks.join_next().await {
-        r??;
+        answered += r??;
     }
-    let mut measured = limit(total, started.elapsed());
+    let mut measured = limit(answered, started.elapsed());
     let used = before.since();
-    measured.cpu_seconds_per_10k = per_10k(used.own, total);
-    measured.sink_cpu_seconds_per_10k = Some(per_10k(used.sink, total));
+    measured.cpu_seconds_per_10k = per_10k(used.own, answered);
+    measured.sink_cpu_seconds_per_10k = Some(per_10k(used.sink, answered));
     measured.machine = used.machine;
     Ok((measured, parse_render_us))
 }
@@ -642,8 +646,8 @@ impl Consuming {
             .started
             .map(|(at, cpu)| (at.elapsed(), cpu_seconds() - cpu))
             .unwrap_or_default();
-        let mut measured = limit(self.total, elapsed);
-        measured.cpu_seconds_per_10k = per_10k(cpu, self.total);
+        let mut measured = limit(self.count, elapsed);
+        measured.cpu_seconds_per_10k = per_10k(cpu, self.count);
         measured
     }
 }

@@ -10,10 +10,16 @@ use crate::settings::Settings;
 pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // The worker's settings ([kafka.consumer], [kafka.producer], timeouts)
     // from the configuration directory when there is one; bench sets the
-    // brokers, topics, group, max_in_flight and ordering itself.
+    // brokers, topics, group, max_in_flight and ordering itself. Without
+    // one, the defaults; but a --config that names no directory is a mistake.
     let settings = if config.is_dir() {
         Settings::load(config)?
     } else {
+        anyhow::ensure!(
+            config == Path::new(super::DEFAULT_CONFIG),
+            "--config {}: not a directory",
+            config.display()
+        );
         Settings::default()
     };
     let options = BenchOptions {

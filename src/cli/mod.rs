@@ -20,6 +20,9 @@ use crate::event::ActionEvent;
 use crate::settings::Settings;
 use crate::telemetry::{self, LogFormat};
 
+/// `--config` when it is not given.
+pub const DEFAULT_CONFIG: &str = "config";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "journey-actions",
@@ -32,7 +35,7 @@ Configuration: DIR/default.toml, then DIR/local.toml, then JOURNEY_ACTIONS__SECT
 )]
 pub struct Cli {
     /// Configuration directory (default.toml, local.toml, and actions/ unless [actions] dir says otherwise)
-    #[arg(long, global = true, value_name = "DIR", default_value = "config")]
+    #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Log line format on stderr
     #[arg(long, global = true, value_enum, default_value = "text")]

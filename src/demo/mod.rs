@@ -315,8 +315,8 @@ pub fn example_actions(
                 spec["auth"][field] = json!(rebase(&u, base));
             }
         }
-        if rate_factor.is_none() {
-            spec.as_object_mut().map(|o| o.remove("cap"));
+        if let (None, Some(o)) = (rate_factor, spec.as_object_mut()) {
+            o.remove("cap");
         }
         let throttle = spec.as_object_mut().and_then(|o| {
             o.entry("throttle")
