@@ -874,3 +874,18 @@ fn environment_variables_override_the_files_and_misspelt_ones_are_refused() {
     let zero = run_with_env(&args, &[("JOURNEY_ACTIONS__DISPATCH__MAX_IN_FLIGHT", "0")]);
     assert_fails_with(&zero, "max_in_flight");
 }
+
+#[test]
+fn bench_refuses_a_config_that_is_not_a_directory() {
+    let run = run(&[
+        "bench",
+        "--config",
+        "/nonexistent/journey-actions",
+        "--events",
+        "10",
+    ]);
+    assert_fails_with(
+        &run,
+        "--config /nonexistent/journey-actions: not a directory",
+    );
+}
