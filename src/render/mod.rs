@@ -845,8 +845,13 @@ mod tests {
                         _ => panic!("{name} `{source}`: not planned"),
                     };
                     let Some(shortcut_value) = shortcut_value else {
-                        // Left to the engine: only where the engine fails or the
-                        // path leads through a non-object.
+                        // Left to the engine (where the engine fails or the path
+                        // leads through a non-object): rendering through the
+                        // event's scope gives the engine's answer, errors and
+                        // their wording included.
+                        let via_scope = templates.text(&leaf, &scope).map_err(|e| e.to_string());
+                        let engine = engine_text.map_err(|e| e.to_string());
+                        assert_eq!(via_scope, engine, "{name} `{source}`");
                         continue;
                     };
                     answered += 1;
