@@ -11,13 +11,9 @@
 //! objects, it gives up and the template engine evaluates the leaf, so every
 //! error (and its wording) still comes from the engine.
 
-use std::fmt::Write as _;
-
-use minijinja::value::ValueKind;
 use minijinja::Value;
-use percent_encoding::utf8_percent_encode;
 
-use super::template::{plain_text, PATH_SEGMENT};
+use super::template::write_value;
 
 /// A text leaf without the template engine: literal text around lookups.
 /// `url`: each value printed is percent-encoded as one URL path segment (the
@@ -103,31 +99,12 @@ impl TextPlan {
                 Piece::Literal(text) => out.push_str(text),
                 Piece::Lookup(lookup) => {
                     if let Some(value) = lookup.eval(scope)? {
-                        print(&mut out, &value, self.url);
+                        let _ = write_value(&mut out, &value, self.url);
                     }
                 }
             }
         }
         Ok(out)
-    }
-}
-
-/// What the formatter of `Templates::new` writes for a value that is not
-/// `none`.
-fn print(out: &mut String, value: &Value, url: bool) {
-    if url {
-        let _ = write!(
-            out,
-            "{}",
-            utf8_percent_encode(&plain_text(value), PATH_SEGMENT)
-        );
-    } else if matches!(
-        value.kind(),
-        ValueKind::Bool | ValueKind::Seq | ValueKind::Map
-    ) {
-        out.push_str(&plain_text(value));
-    } else {
-        let _ = write!(out, "{value}");
     }
 }
 

@@ -8,6 +8,7 @@
 //! string and which `default(...)` replaces.
 
 use std::collections::HashSet;
+use std::fmt;
 
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
@@ -17,7 +18,7 @@ use super::fast::{self, Lookup, Scope, TextPlan};
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included,
 /// so one expression always stays one path segment.
-pub(crate) const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
@@ -102,24 +103,9 @@ impl Templates {
             if value.is_none() {
                 return Ok(());
             }
-            if state.auto_escape() == AutoEscape::Custom(URL_ESCAPE) {
-                write!(
-                    out,
-                    "{}",
-                    utf8_percent_encode(&plain_text(value), PATH_SEGMENT)
-                )
-                .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))?;
-                return Ok(());
-            }
-            if matches!(
-                value.kind(),
-                ValueKind::Bool | ValueKind::Seq | ValueKind::Map
-            ) {
-                return out
-                    .write_str(&plain_text(value))
-                    .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()));
-            }
-            minijinja::escape_formatter(out, state, value)
+            let url = state.auto_escape() == AutoEscape::Custom(URL_ESCAPE);
+            write_value(out, value, url)
+                .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
         });
         // Like Jinja's `default`, but `none` (a missing optional parameter or
         // an explicit null) is replaced too: that is what journey authors mean.
@@ -289,6 +275,27 @@ fn eval_error(field: &str, e: &minijinja::Error) -> EvalError {
 /// A value printed into text (a mixed leaf, a query value, a header, a URL
 /// path segment) the way the JSON it came from writes it: `true`, not
 /// Jinja's `True`; lists and objects as compact JSON, not Python reprs.
+/// How a value that is not `none` prints, for the engine's formatter and
+/// for the shortcut alike: percent-encoded as one path segment in a URL
+/// path (`url`); booleans, lists and objects as [`plain_text`]; anything
+/// else as minijinja displays it.
+pub(super) fn write_value(out: &mut impl fmt::Write, value: &Value, url: bool) -> fmt::Result {
+    if url {
+        write!(
+            out,
+            "{}",
+            utf8_percent_encode(&plain_text(value), PATH_SEGMENT)
+        )
+    } else if matches!(
+        value.kind(),
+        ValueKind::Bool | ValueKind::Seq | ValueKind::Map
+    ) {
+        out.write_str(&plain_text(value))
+    } else {
+        write!(out, "{value}")
+    }
+}
+
 pub fn plain_text(value: &Value) -> String {
     match value.kind() {
         ValueKind::String => value.as_str().unwrap_or_default().to_string(),
