@@ -384,14 +384,32 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
 
 /// See [`Report::necessary_work_ratio`].
 fn necessary_work_ratio(http: &Limit, round_trip: &Limit, parse_render_us: f64) -> Option<f64> {
+    necessary_work(http, round_trip, parse_render_us).map(|w| w.bound)
+}
+
+/// The work no worker can skip, per event, in µs of CPU, and the ratio it
+/// allows (`None` when limit A left the CPUs idle).
+struct NecessaryWork {
+    /// A's call, with the sink's share.
+    call: f64,
+    round_trip: f64,
+    bound: f64,
+}
+
+fn necessary_work(http: &Limit, round_trip: &Limit, parse_render_us: f64) -> Option<NecessaryWork> {
     let busy = http.machine?;
     if busy.busy + busy.steal < CPU_BOUND {
         return None;
     }
     // s per 10 000 → µs per event.
     let call = (http.cpu_seconds_per_10k + http.sink_cpu_seconds_per_10k?) * 100.0;
-    let all = call + round_trip.cpu_seconds_per_10k * 100.0 + parse_render_us;
-    (all > 0.0).then(|| call / all)
+    let round_trip = round_trip.cpu_seconds_per_10k * 100.0;
+    let all = call + round_trip + parse_render_us;
+    (all > 0.0).then(|| NecessaryWork {
+        call,
+        round_trip,
+        bound: call / all,
+    })
 }
 
 /// A phase that keeps the machine at least this busy is CPU-bound.
@@ -1142,23 +1160,16 @@ pub fn table(r: &Report) -> String {
             r.limit_http.cpu_seconds_per_10k, sink_a, full.cpu_seconds_per_10k, full.sink_cpu_seconds_per_10k
         ));
     }
-    if let (Some(bound), Some(sink_a)) = (
-        r.necessary_work_ratio,
-        r.limit_http.sink_cpu_seconds_per_10k,
-    ) {
-        let call = (r.limit_http.cpu_seconds_per_10k + sink_a) * 100.0;
-        let round_trip = r.kafka_round_trip.cpu_seconds_per_10k * 100.0;
-        out.push_str(&format!(
+    match necessary_work(&r.limit_http, &r.kafka_round_trip, r.parse_render_us) {
+        Some(NecessaryWork { call, round_trip, bound }) => out.push_str(&format!(
             "  work no worker can skip, per event, in µs of CPU: A's call {call:.1} (with the sink) + the Kafka\n  \
              round trip {round_trip:.1} + parsing and rendering {:.1}: on these CPUs the ratio cannot exceed {bound:.2}\n",
             r.parse_render_us
-        ));
-    }
-    if r.necessary_work_ratio.is_none() {
-        out.push_str(&format!(
+        )),
+        None => out.push_str(&format!(
             "  parsing and rendering one event alone: {:.1} µs (one thread)\n",
             r.parse_render_us
-        ));
+        )),
     }
     if e.warmup_seconds > 0.0 {
         out.push_str(&format!(
