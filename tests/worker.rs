@@ -2410,6 +2410,50 @@ async fn one_partitions_backlog_does_not_keep_the_others_waiting() {
     );
 }
 
+/// SPEC §7 `consumer_lag{partition}`: from librdkafka's statistics, per
+/// assigned partition; it reaches 0 once every event is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_reported_per_partition_and_falls_to_zero() {
+    const N: usize = 12;
+    let kafka = Setup::new("lag", 2).await;
+    let provider = Provider::start(|_| (200, Duration::ZERO)).await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
+    let placed = kafka.produce(&events("lag", "notify", N, N)).await;
+    let used: BTreeSet<i32> = placed.iter().map(|p| p.partition).collect();
+
+    let mut settings = kafka.settings();
+    // Statistics every 200 ms instead of 5 s.
+    settings
+        .kafka
+        .consumer
+        .insert("statistics.interval.ms".into(), "200".into());
+    let worker = start_worker(settings, &actions);
+    // Read from the exposition only: looking a gauge up by its labels
+    // would create it.
+    let lag_lines = |exposition: &str| -> Vec<String> {
+        exposition
+            .lines()
+            .filter(|l| l.starts_with("journey_actions_consumer_lag{"))
+            .map(str::to_string)
+            .collect()
+    };
+    let expected: Vec<String> = used
+        .iter()
+        .map(|p| format!("journey_actions_consumer_lag{{partition=\"{p}\"}} 0"))
+        .collect();
+    eventually(
+        "consumer_lag 0 for every partition used",
+        Duration::from_secs(60),
+        || {
+            let lines = lag_lines(&worker.metrics.render());
+            let done = worker.finished().len() >= N && expected.iter().all(|e| lines.contains(e));
+            std::future::ready(done.then_some(()))
+        },
+    )
+    .await;
+    worker.stop().await;
+}
+
 /// SPEC §6 `none`: no order, so one key's events run concurrently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_none_runs_one_keys_events_concurrently() {
