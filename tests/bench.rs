@@ -129,7 +129,13 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
     assert!(number(&report, "end_to_end.cpu_seconds_per_10k") > 0.0);
     assert!(number(&report, "parse_render_us") > 0.0);
     assert_eq!(report["sink_latency"], "5ms");
+    assert_eq!(report["sink_protocol"], "http");
     assert_eq!(report["broker"], "mock");
+    assert_eq!(
+        report["limit_http"]["http_versions"],
+        serde_json::json!({ "HTTP/1.1": events })
+    );
+    assert!(number(&report, "end_to_end.sink_connections") >= 1.0);
     for row in [
         "limit A: HTTP to the sink",
         "limit B: Kafka consume",
@@ -137,6 +143,7 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         "end-to-end worker",
         "event latency (consume → outcome)",
         "peak RSS",
+        "connections the sink accepted: end-to-end",
     ] {
         assert!(stdout.contains(row), "table row {row:?} missing:\n{stdout}");
     }
@@ -170,6 +177,61 @@ fn the_example_mix_accounts_for_every_event_including_the_failures() {
     );
     assert_eq!(report["mix"], "examples");
     assert_eq!(report["ordering"], "none");
+}
+
+#[test]
+fn the_sink_speaks_http2_over_tls_to_every_example_action() {
+    // The examples' auth calls (OAuth2 token, custom-auth login) go to the
+    // sink too: every action must trust the sink's private CA.
+    let (stdout, report) = bench(&[
+        "--events",
+        "700",
+        "--actions",
+        "examples",
+        "--ordering",
+        "none",
+        "--concurrency",
+        "32",
+        "--sink-protocol",
+        "h2",
+    ]);
+    let outcomes = &report["end_to_end"]["outcomes"];
+    assert!(
+        outcomes["ok"].as_u64() > Some(600),
+        "the calls over TLS succeed: {outcomes}"
+    );
+    assert_eq!(outcomes.get("error"), None, "{outcomes}");
+    let versions = report["limit_http"]["http_versions"]
+        .as_object()
+        .expect("versions");
+    assert_eq!(
+        versions.keys().collect::<Vec<_>>(),
+        ["HTTP/2.0"],
+        "limit A's answers came over HTTP/2 only: {versions:?}"
+    );
+    assert_eq!(report["sink_protocol"], "h2");
+    assert!(stdout.contains("sink h2 latency 0ms"), "{stdout}");
+}
+
+#[test]
+fn the_sink_speaks_http1_over_tls() {
+    let (_, report) = bench(&[
+        "--events",
+        "300",
+        "--concurrency",
+        "16",
+        "--sink-protocol",
+        "https",
+    ]);
+    // bench itself fails unless every event of the simple mix ends ok.
+    assert_eq!(
+        report["end_to_end"]["outcomes"],
+        serde_json::json!({ "ok": 300 })
+    );
+    assert_eq!(
+        report["limit_http"]["http_versions"],
+        serde_json::json!({ "HTTP/1.1": 300 })
+    );
 }
 
 #[test]

@@ -35,7 +35,7 @@ use crate::dispatch::OutcomeCode;
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
-use sink::{Latency, SinkProcess};
+use sink::{Certificates, Latency, Protocol, SinkProcess};
 
 /// Which actions the events use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -84,6 +84,7 @@ pub struct BenchOptions {
     /// Distinct Kafka keys (profiles) over the events.
     pub keys: usize,
     pub sink_latency: Latency,
+    pub sink_protocol: Protocol,
     pub brokers: Option<String>,
     /// Produce the end-to-end events at this rate instead of beforehand.
     pub rate: Option<Rate>,
@@ -110,6 +111,11 @@ pub struct Limit {
     pub cpu_seconds_per_10k: f64,
     /// CPU of the sink process per 10 000 operations (limit A only).
     pub sink_cpu_seconds_per_10k: Option<f64>,
+    /// Limit A only: connections the sink accepted during the phase, and
+    /// the HTTP versions of the answers (`HTTP/1.1`, `HTTP/2.0`) with their
+    /// counts.
+    pub sink_connections: Option<usize>,
+    pub http_versions: Option<BTreeMap<String, usize>>,
     /// Share of the machine's CPU time that was busy during the phase, and
     /// the share the hypervisor took (steal), from `/proc/stat`.
     pub machine: Option<MachineLoad>,
@@ -160,6 +166,8 @@ pub struct EndToEnd {
     pub cpu_seconds_per_10k: f64,
     /// CPU of the sink process.
     pub sink_cpu_seconds_per_10k: f64,
+    /// Connections the sink accepted during the phase.
+    pub sink_connections: usize,
     pub machine: Option<MachineLoad>,
     pub outcomes: BTreeMap<String, usize>,
 }
@@ -174,6 +182,8 @@ pub struct Report {
     pub keys: usize,
     pub partitions: i32,
     pub sink_latency: String,
+    /// What the sink spoke: `http`, `https` (HTTP/1.1 over TLS) or `h2`.
+    pub sink_protocol: Protocol,
     pub broker: String,
     /// The rate the end-to-end events were produced at (events/s).
     pub rate: Option<u32>,
@@ -249,16 +259,22 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         }
     };
 
-    let sink = SinkProcess::start(o.sink_latency).context("starting the HTTP sink process")?;
     let workdir = tempfile::tempdir()?;
-    let base = format!("http://{}", sink.addr);
+    let certificates = match o.sink_protocol {
+        Protocol::Http => None,
+        Protocol::Https | Protocol::H2 => Some(Certificates::create(workdir.path())?),
+    };
+    let mut sink = SinkProcess::start(o.sink_latency, o.sink_protocol, certificates.as_ref())
+        .context("starting the HTTP sink process")?;
+    let base = format!("{}://{}", o.sink_protocol.scheme(), sink.addr);
+    let ca = certificates.as_ref().map(|c| c.ca.as_path());
     let (actions, events) = match o.mix {
         Mix::Simple => (
-            simple_action(workdir.path(), &base, o.bulkhead)?,
+            simple_action(workdir.path(), &base, o.bulkhead, ca)?,
             simple_events(o.events, o.keys),
         ),
         Mix::Examples => {
-            let actions = crate::demo::example_actions(workdir.path(), &base, None)?;
+            let actions = crate::demo::example_actions(workdir.path(), &base, None, ca)?;
             (actions, crate::demo::sample_events(o.events, 7))
         }
     };
@@ -271,7 +287,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         o.ordering,
         o.keys,
         o.sink_latency,
-        sink.addr,
+        base,
         o.brokers.as_deref().map(|b| format!("broker {b}")).unwrap_or_else(|| "in-process mock cluster".into())
     );
     if o.brokers.is_none() {
@@ -290,7 +306,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         Some(Rate::HalfOfMax) => {
             let mut full = settings.clone();
             full.kafka.group_id = format!("bench-full-{run_id}");
-            let run = end_to_end(full, actions.clone(), &events, o, None, sink.pid()).await?;
+            let run = end_to_end(full, actions.clone(), &events, o, None, &mut sink).await?;
             eprintln!(
                 "  end-to-end at full speed: {:>10.0} events/s",
                 run.events_per_second
@@ -310,7 +326,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         e2e_settings.kafka.input_topic = rate_topic.clone();
     }
     let mut end_to_end =
-        end_to_end(e2e_settings, actions.clone(), &events, o, rate, sink.pid()).await?;
+        end_to_end(e2e_settings, actions.clone(), &events, o, rate, &mut sink).await?;
     eprintln!(
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
@@ -325,8 +341,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  Kafka round trip:{:>10.0} events/s",
         kafka_round_trip.per_second
     );
+    // The same definitions loaded again, so that limit A starts, as the
+    // end-to-end phase did, with clients that hold no connection yet.
+    let fresh = action::load_dir(&workdir.path().join("actions"), workdir.path())
+        .map_err(|p| anyhow::anyhow!("bench actions: {}", p[0]))?;
     let (limit_http, parse_render_us) =
-        http_limit(&actions, &events, o.concurrency, sink.pid()).await?;
+        http_limit(&fresh, &events, o.concurrency, &mut sink).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
     let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
     end_to_end.ratio = rate.is_none().then(|| end_to_end.events_per_second / limit);
@@ -361,6 +381,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         keys: o.keys,
         partitions: o.partitions,
         sink_latency: o.sink_latency.to_string(),
+        sink_protocol: o.sink_protocol,
         broker: o.brokers.clone().unwrap_or_else(|| "mock".into()),
         rate,
         full_speed,
@@ -454,7 +475,13 @@ fn fits_the_mock_cluster(events: &[(String, Vec<u8>)], o: &BenchOptions) -> anyh
 }
 
 /// The one action of the `simple` mix: the SMS example's shape without auth.
-fn simple_action(dir: &Path, base: &str, bulkhead: Option<u32>) -> anyhow::Result<ActionSet> {
+/// `ca` is the sink's CA when it speaks TLS.
+fn simple_action(
+    dir: &Path,
+    base: &str,
+    bulkhead: Option<u32>,
+    ca: Option<&Path>,
+) -> anyhow::Result<ActionSet> {
     let actions = dir.join("actions");
     std::fs::create_dir_all(&actions)?;
     let mut def = json!({
@@ -483,6 +510,9 @@ fn simple_action(dir: &Path, base: &str, bulkhead: Option<u32>) -> anyhow::Resul
     });
     if let Some(n) = bulkhead {
         def["throttle"] = json!({ "max_concurrency": n });
+    }
+    if let Some(ca) = ca {
+        def["tls"] = json!({ "ca_cert": format!("${{file:{}}}", ca.display()) });
     }
     std::fs::write(
         actions.join("bench_webhook.json"),
@@ -516,18 +546,21 @@ async fn http_limit(
     actions: &ActionSet,
     events: &[(String, Vec<u8>)],
     concurrency: usize,
-    sink_pid: u32,
+    sink: &mut SinkProcess,
 ) -> anyhow::Result<(Limit, f64)> {
-    let client = client::build(None, Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
+    let sink_pid = sink.pid();
+    let shared = client::build(None, Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
     let idempotency = reqwest::header::HeaderName::from_static("idempotency-key");
     let rendering = Instant::now();
+    // Each request goes through the client the worker gives its action: the
+    // action's own when it has TLS material (the sink's CA), else the shared.
     let requests: Vec<_> = events
         .iter()
         .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
         .filter_map(|e| {
             crate::dispatch::prepare(actions, &e, Some(&idempotency))
                 .ok()
-                .map(|(_, r)| r)
+                .map(|(def, r)| (def.client.clone().unwrap_or_else(|| shared.clone()), r))
         })
         .collect();
     let parse_render_us = rendering.elapsed().as_secs_f64() * 1e6 / events.len().max(1) as f64;
@@ -535,33 +568,41 @@ async fn http_limit(
     let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
     let total = events.len();
+    let connections_before = sink.connections()?;
     let before = Snapshot::take(sink_pid);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(total) {
-        let (client, requests, next) = (client.clone(), requests.clone(), next.clone());
+        let (requests, next) = (requests.clone(), next.clone());
         tasks.spawn(async move {
-            let mut answered = 0usize;
+            // Answers per HTTP version.
+            let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
             loop {
                 let i = next.fetch_add(1, AtomicOrdering::Relaxed);
                 if i >= total {
-                    return Ok::<usize, reqwest::Error>(answered);
+                    return Ok::<_, reqwest::Error>(answered);
                 }
-                let req = crate::dispatch::to_request(&requests[i % requests.len()]);
-                let resp = client.execute(req).await?;
+                let (client, request) = &requests[i % requests.len()];
+                let resp = client.execute(crate::dispatch::to_request(request)).await?;
+                let version = resp.version();
                 let _ = resp.bytes().await?;
-                answered += 1;
+                *answered.entry(version).or_default() += 1;
             }
         });
     }
-    let mut answered = 0;
+    let mut versions = BTreeMap::new();
     while let Some(r) = tasks.join_next().await {
-        answered += r??;
+        for (version, n) in r?? {
+            *versions.entry(format!("{version:?}")).or_default() += n;
+        }
     }
+    let answered = versions.values().sum();
     let mut measured = limit(answered, started.elapsed());
     let used = before.since();
     measured.cpu_seconds_per_10k = per_10k(used.own, answered);
     measured.sink_cpu_seconds_per_10k = Some(per_10k(used.sink, answered));
+    measured.sink_connections = Some(sink.connections()? - connections_before);
+    measured.http_versions = Some(versions);
     measured.machine = used.machine;
     Ok((measured, parse_render_us))
 }
@@ -689,8 +730,10 @@ async fn end_to_end(
     events: &[(String, Vec<u8>)],
     o: &BenchOptions,
     rate: Option<u32>,
-    sink_pid: u32,
+    sink: &mut SinkProcess,
 ) -> anyhow::Result<EndToEnd> {
+    let sink_pid = sink.pid();
+    let connections_before = sink.connections()?;
     let total = events.len();
     let finished: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let observer = {
@@ -805,6 +848,7 @@ async fn end_to_end(
         peak_rss_mib,
         cpu_seconds_per_10k: per_10k(used.own, total),
         sink_cpu_seconds_per_10k: per_10k(used.sink, total),
+        sink_connections: sink.connections()? - connections_before,
         machine: used.machine,
         outcomes,
     })
@@ -879,6 +923,8 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
         per_second: count as f64 / seconds.max(1e-9),
         cpu_seconds_per_10k: 0.0,
         sink_cpu_seconds_per_10k: None,
+        sink_connections: None,
+        http_versions: None,
         machine: None,
     }
 }
@@ -1063,13 +1109,14 @@ pub fn table(r: &Report) -> String {
         r.machine.cores, r.machine.memory_mib, r.machine.cpu, r.broker
     ));
     out.push_str(&format!(
-        "{} events, {} mix, concurrency {}, ordering {}, {} keys, {} partitions, sink latency {}{}\n",
+        "{} events, {} mix, concurrency {}, ordering {}, {} keys, {} partitions, sink {} latency {}{}\n",
         r.events,
         format!("{:?}", r.mix).to_lowercase(),
         r.concurrency,
         r.ordering,
         r.keys,
         r.partitions,
+        r.sink_protocol,
         r.sink_latency,
         r.rate.map(|x| format!(", produced at {x}/s")).unwrap_or_default()
             + &r.bulkhead.map(|b| format!(", throttle.max_concurrency {b}")).unwrap_or_default()
@@ -1140,6 +1187,26 @@ pub fn table(r: &Report) -> String {
             load(machine)
         ));
     }
+    let versions = r
+        .limit_http
+        .http_versions
+        .iter()
+        .flatten()
+        .map(|(version, n)| format!("{version} × {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push_str(&format!(
+        "connections the sink accepted: end-to-end {}{}, limit A {}; limit A's answers: {versions}\n",
+        e.sink_connections,
+        r.full_speed
+            .as_ref()
+            .map(|f| format!(" (at full speed {})", f.sink_connections))
+            .unwrap_or_default(),
+        r.limit_http
+            .sink_connections
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "–".into()),
+    ));
     let ratio = e
         .ratio
         .map(|x| (x, ""))
@@ -1212,6 +1279,7 @@ mod tests {
             ordering: Ordering::Key,
             keys: 1,
             sink_latency: Latency::Fixed(Duration::ZERO),
+            sink_protocol: Protocol::Http,
             brokers: None,
             rate: None,
             partitions,
@@ -1276,6 +1344,7 @@ mod tests {
             peak_rss_mib: 0.0,
             cpu_seconds_per_10k: 0.5,
             sink_cpu_seconds_per_10k: 0.1,
+            sink_connections: 64,
             machine,
             outcomes: BTreeMap::new(),
         };

@@ -1,24 +1,30 @@
-//! The benchmark's HTTP sink: a minimal HTTP/1.1 server that answers every
-//! call with 200 and a small JSON body, after an optional latency. It runs in
-//! a process of its own (`journey-actions bench-sink`, hidden) so its CPU is
-//! not counted as the worker's.
+//! The benchmark's HTTP sink: a minimal server that answers every call with
+//! 200 and a small JSON body, after an optional latency. It speaks HTTP/1.1,
+//! HTTP/1.1 over TLS, or HTTP/2 over TLS (negotiated by ALPN, as HTTP/2
+//! providers serve it). It runs in a process of its own
+//! (`journey-actions bench-sink`, hidden) so its CPU is not counted as the
+//! worker's.
 
 use std::collections::BinaryHeap;
 use std::convert::Infallible;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// How long the sink waits before answering.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,12 +82,118 @@ impl std::fmt::Display for Latency {
     }
 }
 
+/// What the sink speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 without TLS.
+    Http,
+    /// HTTP/1.1 over TLS.
+    Https,
+    /// HTTP/2 over TLS, chosen by ALPN (how providers serve HTTP/2).
+    H2,
+}
+
+impl Protocol {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https | Protocol::H2 => "https",
+        }
+    }
+
+    fn alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            Protocol::Http | Protocol::Https => vec![b"http/1.1".to_vec()],
+            Protocol::H2 => vec![b"h2".to_vec()],
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::H2 => "h2",
+        })
+    }
+}
+
+/// A private CA and the sink's certificate for 127.0.0.1, as PEM files in
+/// one directory: `ca.pem` is what the bench's actions trust
+/// (`tls.ca_cert`), `sink.pem` and `sink.key` what the sink serves.
+pub struct Certificates {
+    pub ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Certificates {
+    pub fn create(dir: &Path) -> anyhow::Result<Certificates> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "journey-actions bench CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca_params.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "journey-actions bench sink");
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let files = Certificates {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("sink.pem"),
+            key: dir.join("sink.key"),
+        };
+        std::fs::write(&files.ca, ca.pem())?;
+        std::fs::write(&files.cert, cert.pem())?;
+        std::fs::write(&files.key, key.serialize_pem())?;
+        Ok(files)
+    }
+}
+
+fn acceptor(
+    protocol: Protocol,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = protocol.alpn();
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 const TOKEN_BODY: &str = r#"{"access_token":"bench-token","token_type":"Bearer","expires_in":3600,"data":{"jwt":"bench-token","expiresIn":3600}}"#;
 const OK_BODY: &str = r#"{"ok":true,"id":"bench"}"#;
 
 /// The hidden `bench-sink` role: serve on a free loopback port, print
-/// `listening ADDR`, and exit when stdin closes (the parent is gone).
-pub fn run_process(latency: Latency, threads: usize) -> anyhow::Result<()> {
+/// `listening ADDR`, and exit when stdin closes (the parent is gone). Each
+/// line read on stdin is answered on stdout with `connections N`: the
+/// connections accepted so far.
+/// `tls` is the certificate and key files, required unless `protocol` is
+/// plain HTTP.
+pub fn run_process(
+    latency: Latency,
+    threads: usize,
+    protocol: Protocol,
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<()> {
+    let acceptor = match (protocol, tls) {
+        (Protocol::Http, _) => None,
+        (_, Some((cert, key))) => Some(acceptor(protocol, cert, key)?),
+        (_, None) => anyhow::bail!("--protocol {protocol} needs --tls-cert and --tls-key"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -92,20 +204,43 @@ pub fn run_process(latency: Latency, threads: usize) -> anyhow::Result<()> {
         println!("listening {}", listener.local_addr()?);
         std::io::stdout().flush()?;
         std::thread::spawn(|| {
-            let _ = std::io::stdin().lock().lines().count();
+            for _ in std::io::stdin().lock().lines() {
+                println!("connections {}", ACCEPTED.load(AtomicOrdering::Relaxed));
+                let _ = std::io::stdout().flush();
+            }
             std::process::exit(0);
         });
         loop {
             let (stream, _) = listener.accept().await?;
+            ACCEPTED.fetch_add(1, AtomicOrdering::Relaxed);
             let _ = stream.set_nodelay(true);
             let timer = timer.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                     answer(req, latency, timer.clone())
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let Some(acceptor) = acceptor else {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    return;
+                };
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    // No limit on concurrent streams: the worker's
+                    // concurrency, not the sink, decides how many calls run.
+                    let _ = http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(None)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                } else {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
             });
         }
     })
@@ -201,33 +336,66 @@ impl Timer {
     }
 }
 
+/// Connections the sink has accepted.
+static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+
 /// A sink process; killed when dropped.
 pub struct SinkProcess {
     child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
     pub addr: SocketAddr,
 }
 
 impl SinkProcess {
-    pub fn start(latency: Latency) -> anyhow::Result<SinkProcess> {
+    /// `tls` is needed unless `protocol` is plain HTTP.
+    pub fn start(
+        latency: Latency,
+        protocol: Protocol,
+        tls: Option<&Certificates>,
+    ) -> anyhow::Result<SinkProcess> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .args(["-q", "bench-sink", "--latency", &latency.to_string()])
+        let mut command = Command::new(exe);
+        command.args(["-q", "bench-sink", "--latency", &latency.to_string()]);
+        command.args(["--protocol", &protocol.to_string()]);
+        if let Some(tls) = tls {
+            command.arg("--tls-cert").arg(&tls.cert);
+            command.arg("--tls-key").arg(&tls.key);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("sink has no stdout"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            anyhow::bail!("the sink process has no stdin or stdout");
+        };
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        stdout.read_line(&mut line)?;
         let addr = line
             .trim()
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("the sink did not start: `{}`", line.trim()))?;
-        Ok(SinkProcess { child, addr })
+        Ok(SinkProcess {
+            child,
+            stdin,
+            stdout,
+            addr,
+        })
+    }
+
+    /// The connections the sink has accepted so far.
+    pub fn connections(&mut self) -> anyhow::Result<usize> {
+        writeln!(self.stdin)?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("connections ")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("the sink answered `{}`", line.trim()))
     }
 
     pub fn pid(&self) -> u32 {

@@ -30,6 +30,7 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         ordering: args.ordering,
         keys: args.keys.unwrap_or(args.events).max(1),
         sink_latency: args.sink_latency,
+        sink_protocol: args.sink_protocol,
         brokers: args.brokers.clone(),
         rate: args.rate,
         partitions: args.partitions.max(1),

@@ -65,6 +65,12 @@ pub enum Command {
         latency: crate::bench::sink::Latency,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        #[arg(long, value_enum, default_value = "http")]
+        protocol: crate::bench::sink::Protocol,
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Load and check every action definition; print `FILE: FIELD: message` per problem (exit 1 if any)
     Validate,
@@ -104,6 +110,9 @@ pub struct BenchArgs {
     /// The sink's answer latency: 0ms, 5ms, or a range such as 1-20ms
     #[arg(long, default_value = "0ms")]
     pub sink_latency: crate::bench::sink::Latency,
+    /// What the sink speaks; `https` and `h2` use a private CA that the bench's actions trust (`tls.ca_cert`)
+    #[arg(long, value_enum, default_value = "http")]
+    pub sink_protocol: crate::bench::sink::Protocol,
     /// A real broker instead of the in-process mock cluster
     #[arg(long, value_name = "HOST:PORT")]
     pub brokers: Option<String>,
@@ -149,9 +158,19 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run => run::run(&cli.config),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(&cli.config, args),
-        Command::BenchSink { latency, threads } => {
-            crate::bench::sink::run_process(*latency, *threads).map(|()| ExitCode::SUCCESS)
-        }
+        Command::BenchSink {
+            latency,
+            threads,
+            protocol,
+            tls_cert,
+            tls_key,
+        } => crate::bench::sink::run_process(
+            *latency,
+            *threads,
+            *protocol,
+            tls_cert.as_deref().zip(tls_key.as_deref()),
+        )
+        .map(|()| ExitCode::SUCCESS),
         Command::Validate => validate::run(&cli.config),
         Command::Render(args) => render::run(&cli.config, args),
         Command::Send(args) => send::run(&cli.config, args),

@@ -279,16 +279,18 @@ fn print_summary(t: &Tally, total: usize, elapsed: Duration) {
 /// (`https://HOST/path` → `{base}/HOST/path`), each keeping its own limits
 /// key, with rates raised by [`RATE_FACTOR`].
 pub fn demo_actions(dir: &Path, base: &str) -> anyhow::Result<ActionSet> {
-    example_actions(dir, base, Some(RATE_FACTOR))
+    example_actions(dir, base, Some(RATE_FACTOR), None)
 }
 
 /// The embedded examples pointed at `base`. With `rate_factor` their rates
 /// are multiplied by it; without, every throttle and cap is removed (the
-/// benchmark measures the worker, not the examples' budgets).
+/// benchmark measures the worker, not the examples' budgets). `ca_cert` is
+/// a PEM file the actions trust (`tls.ca_cert`), for a provider on TLS.
 pub fn example_actions(
     dir: &Path,
     base: &str,
     rate_factor: Option<u32>,
+    ca_cert: Option<&Path>,
 ) -> anyhow::Result<ActionSet> {
     let actions_dir = dir.join("actions");
     std::fs::create_dir_all(actions_dir.join("..").join("secrets"))?;
@@ -337,6 +339,10 @@ pub fn example_actions(
                     }
                 }
             }
+        }
+        if let (Some(ca), Some(o)) = (ca_cert, spec.as_object_mut()) {
+            let tls = o.entry("tls").or_insert_with(|| json!({}));
+            tls["ca_cert"] = json!(format!("${{file:{}}}", ca.display()));
         }
         let file = actions_dir.join(name.replace(".yaml", ".json"));
         std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;
