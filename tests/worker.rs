@@ -2215,6 +2215,145 @@ async fn partitions_gained_while_paused_do_not_lift_the_in_flight_limit() {
     worker.stop().await;
 }
 
+/// Outcomes whose records the broker does not acknowledge fill the
+/// acknowledgement wait, and the worker stops taking events. It must still
+/// poll the consumer (it pauses its partitions after a second), or a member
+/// joining the group would wait for it as long as the output stays stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_output_topic_leaves_rebalances_served() {
+    const MAX: usize = 4;
+    const PARTITIONS: i32 = 2;
+    let kafka = Setup::new("stalled", PARTITIONS).await;
+    // The worker writes its results and dead letters to a cluster of their
+    // own ([kafka.producer] "bootstrap.servers"), whose broker then goes
+    // down: its records wait, unacknowledged, while the input is served.
+    let output = MockCluster::new(1).expect("the output cluster starts");
+    for topic in [&kafka.results, &kafka.dlq] {
+        output.create_topic(topic, 1, 1).expect("output topic");
+    }
+    let provider = Provider::start(|_| (200, Duration::ZERO)).await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
+    let props = quick_consumer_props();
+    let mut settings = kafka.settings();
+    settings.kafka.consumer = props.clone();
+    settings
+        .kafka
+        .producer
+        .insert("bootstrap.servers".into(), output.bootstrap_servers());
+    settings.dispatch.max_in_flight = MAX;
+    settings.dispatch.shutdown_grace = Duration::from_millis(200);
+    let worker = start_worker(settings, &actions);
+    eventually("the worker joins", Duration::from_secs(60), || {
+        std::future::ready(worker.ready.load(AtomicOrdering::Relaxed).then_some(()))
+    })
+    .await;
+    output.broker_down(1).expect("the output broker goes down");
+    // One event at a time, each called before the next arrives: the worker
+    // becomes full by outcomes waiting for acknowledgements, never by
+    // events before their outcome.
+    for i in 0..MAX + 2 {
+        let id = format!("st-{i}");
+        kafka
+            .produce(&[(Some(id.clone()), event(&id, "notify", &id, 0))])
+            .await;
+        if i < MAX {
+            eventually("the event is called", Duration::from_secs(30), || {
+                std::future::ready(provider.event_ids().contains(&id).then_some(()))
+            })
+            .await;
+        }
+    }
+    // Longer than the worker waits before it pauses.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let called = provider.event_ids().len();
+    assert_eq!(
+        called, MAX,
+        "the acknowledgement wait of {MAX} did not stop the worker"
+    );
+
+    let other = GroupMember::join(&kafka, &props);
+    eventually(
+        "the joining member gets a partition",
+        Duration::from_secs(20),
+        || std::future::ready((other.assignment().len() == 1).then_some(())),
+    )
+    .await;
+    other.leave();
+    worker.stop().await;
+}
+
+/// librdkafka keeps a pause made by the application across a rebalance: a
+/// partition the worker paused (here, all of them, full at `max_in_flight`)
+/// and then lost must be read again when it is assigned back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_paused_when_revoked_are_read_again_when_they_come_back() {
+    const MAX: usize = 4;
+    const PARTITIONS: i32 = 2;
+    let kafka = Setup::new("repaused", PARTITIONS).await;
+    // An event's first call is held past the end of the test; a call made
+    // again, after the rebalance gave the event back, is answered at once.
+    let called = Mutex::new(HashSet::new());
+    let provider = Provider::start(move |call| {
+        let first = called.lock().expect("called").insert(call.event_id.clone());
+        (200, Duration::from_secs(if first { 60 } else { 0 }))
+    })
+    .await;
+    let actions = Actions::new(&[notify_action("notify", &provider.url("/n"), "")]);
+    // The default, eager protocol: every partition is revoked, then assigned.
+    let props = quick_consumer_props();
+    let mut settings = kafka.settings();
+    settings.kafka.consumer = props.clone();
+    settings.dispatch.max_in_flight = MAX;
+    settings.dispatch.shutdown_grace = Duration::from_millis(200);
+    let worker = start_worker(settings, &actions);
+    eventually("the worker joins", Duration::from_secs(60), || {
+        std::future::ready(worker.ready.load(AtomicOrdering::Relaxed).then_some(()))
+    })
+    .await;
+
+    let total = 4 * MAX;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..total)
+        .map(|i| {
+            let profile = format!("r-{i}");
+            let id = format!("r-{i}");
+            (Some(profile.clone()), event(&id, "notify", &profile, 0))
+        })
+        .collect();
+    let placed = kafka.produce(&records).await;
+    let used: HashSet<i32> = placed.iter().map(|p| p.partition).collect();
+    assert_eq!(
+        used.len(),
+        PARTITIONS as usize,
+        "both partitions get events"
+    );
+    eventually(
+        "the worker is full of held calls",
+        Duration::from_secs(60),
+        || std::future::ready((provider.event_ids().len() == MAX).then_some(())),
+    )
+    .await;
+    // Full for more than a second: the worker pauses its assignment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let other = GroupMember::join(&kafka, &props);
+    eventually(
+        "the other member gets a partition",
+        Duration::from_secs(60),
+        || std::future::ready((other.assignment().len() == 1).then_some(())),
+    )
+    .await;
+    other.leave();
+
+    // Both partitions come back: every event is called and becomes final.
+    let all = ids("r", total);
+    eventually("every event is final", Duration::from_secs(60), || {
+        let done = worker.final_ids();
+        std::future::ready(all.iter().all(|id| done.contains(id)).then_some(()))
+    })
+    .await;
+    worker.stop().await;
+}
+
 /// Events that must wait for the rate limit are held as bytes and parsed and
 /// rendered again once admitted: each call must still carry its own event's
 /// data, the rate must be kept, and the cap must refuse the events beyond it.
