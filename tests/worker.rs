@@ -559,6 +559,14 @@ fn start_worker(settings: Settings, actions: &Actions) -> Running {
 }
 
 impl Running {
+    /// Waits until the worker has joined its group and got its partitions.
+    async fn joined(&self) {
+        eventually("the worker joins", Duration::from_secs(60), || {
+            std::future::ready(self.ready.load(AtomicOrdering::Relaxed).then_some(()))
+        })
+        .await;
+    }
+
     fn finished(&self) -> Vec<Finished> {
         self.finished.lock().expect("observer log").clone()
     }
@@ -2123,10 +2131,7 @@ async fn partitions_gained_while_paused_do_not_lift_the_in_flight_limit() {
             }
         }
     });
-    eventually("the worker joins", Duration::from_secs(60), || {
-        std::future::ready(worker.ready.load(AtomicOrdering::Relaxed).then_some(()))
-    })
-    .await;
+    worker.joined().await;
     let other = GroupMember::join(&kafka, &props);
     let theirs = eventually(
         "the other member gets half the partitions",
@@ -2233,9 +2238,7 @@ async fn a_stalled_output_topic_leaves_rebalances_served() {
     }
     let provider = Provider::start(|_| (200, Duration::ZERO)).await;
     let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
-    let props = quick_consumer_props();
     let mut settings = kafka.settings();
-    settings.kafka.consumer = props.clone();
     settings
         .kafka
         .producer
@@ -2243,10 +2246,7 @@ async fn a_stalled_output_topic_leaves_rebalances_served() {
     settings.dispatch.max_in_flight = MAX;
     settings.dispatch.shutdown_grace = Duration::from_millis(200);
     let worker = start_worker(settings, &actions);
-    eventually("the worker joins", Duration::from_secs(60), || {
-        std::future::ready(worker.ready.load(AtomicOrdering::Relaxed).then_some(()))
-    })
-    .await;
+    worker.joined().await;
     output.broker_down(1).expect("the output broker goes down");
     // One event at a time, each called before the next arrives: the worker
     // becomes full by outcomes waiting for acknowledgements, never by
@@ -2271,7 +2271,7 @@ async fn a_stalled_output_topic_leaves_rebalances_served() {
         "the acknowledgement wait of {MAX} did not stop the worker"
     );
 
-    let other = GroupMember::join(&kafka, &props);
+    let other = GroupMember::join(&kafka, &quick_consumer_props());
     eventually(
         "the joining member gets a partition",
         Duration::from_secs(20),
@@ -2290,35 +2290,32 @@ async fn partitions_paused_when_revoked_are_read_again_when_they_come_back() {
     const MAX: usize = 4;
     const PARTITIONS: i32 = 2;
     let kafka = Setup::new("repaused", PARTITIONS).await;
-    // An event's first call is held past the end of the test; a call made
-    // again, after the rebalance gave the event back, is answered at once.
+    // Until the rebalance, an event's first call is held (longer than the
+    // test): only the revoke ends it. A call made again, after the event came
+    // back, and every call after the rebalance, is answered at once.
+    let holding = Arc::new(AtomicBool::new(true));
     let called = Mutex::new(HashSet::new());
-    let provider = Provider::start(move |call| {
-        let first = called.lock().expect("called").insert(call.event_id.clone());
-        (200, Duration::from_secs(if first { 60 } else { 0 }))
+    let provider = Provider::start({
+        let holding = holding.clone();
+        move |call| {
+            let first = called.lock().expect("called").insert(call.event_id.clone());
+            let hold = first && holding.load(AtomicOrdering::SeqCst);
+            (200, Duration::from_secs(if hold { 120 } else { 0 }))
+        }
     })
     .await;
-    let actions = Actions::new(&[notify_action("notify", &provider.url("/n"), "")]);
+    let action =
+        notify_action("notify", &provider.url("/n"), "").replace("timeout: 5s", "timeout: 300s");
+    let actions = Actions::new(&[action]);
     // The default, eager protocol: every partition is revoked, then assigned.
-    let props = quick_consumer_props();
     let mut settings = kafka.settings();
-    settings.kafka.consumer = props.clone();
     settings.dispatch.max_in_flight = MAX;
     settings.dispatch.shutdown_grace = Duration::from_millis(200);
     let worker = start_worker(settings, &actions);
-    eventually("the worker joins", Duration::from_secs(60), || {
-        std::future::ready(worker.ready.load(AtomicOrdering::Relaxed).then_some(()))
-    })
-    .await;
+    worker.joined().await;
 
     let total = 4 * MAX;
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..total)
-        .map(|i| {
-            let profile = format!("r-{i}");
-            let id = format!("r-{i}");
-            (Some(profile.clone()), event(&id, "notify", &profile, 0))
-        })
-        .collect();
+    let records = events("r", "notify", total, total);
     let placed = kafka.produce(&records).await;
     let used: HashSet<i32> = placed.iter().map(|p| p.partition).collect();
     assert_eq!(
@@ -2335,13 +2332,14 @@ async fn partitions_paused_when_revoked_are_read_again_when_they_come_back() {
     // Full for more than a second: the worker pauses its assignment.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let other = GroupMember::join(&kafka, &props);
+    let other = GroupMember::join(&kafka, &quick_consumer_props());
     eventually(
         "the other member gets a partition",
         Duration::from_secs(60),
         || std::future::ready((other.assignment().len() == 1).then_some(())),
     )
     .await;
+    holding.store(false, AtomicOrdering::SeqCst);
     other.leave();
 
     // Both partitions come back: every event is called and becomes final.

@@ -30,8 +30,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::action::{self, ActionSet};
-use crate::dispatch::client::{self, Redirects};
-use crate::dispatch::OutcomeCode;
+use crate::dispatch::{DispatchOptions, Dispatcher, OutcomeCode};
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
@@ -268,17 +267,20 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         .context("starting the HTTP sink process")?;
     let base = format!("{}://{}", o.sink_protocol.scheme(), sink.addr);
     let ca = certificates.as_ref().map(|c| c.ca.as_path());
-    let (actions, events) = match o.mix {
-        Mix::Simple => (
-            simple_action(workdir.path(), &base, o.bulkhead, ca)?,
-            simple_events(o.events, o.keys),
-        ),
+    let events = match o.mix {
+        Mix::Simple => {
+            write_simple_action(workdir.path(), &base, o.bulkhead, ca)?;
+            simple_events(o.events, o.keys)
+        }
         Mix::Examples => {
-            let actions = crate::demo::example_actions(workdir.path(), &base, None, ca)?;
-            (actions, crate::demo::sample_events(o.events, 7))
+            crate::demo::example_actions(workdir.path(), &base, None, ca)?;
+            crate::demo::sample_events(o.events, 7)
         }
     };
-    let actions = Arc::new(actions);
+    // Every phase loads the definitions anew: an action with TLS material
+    // has a client of its own, and each phase starts with clients that hold
+    // no connection yet.
+    let actions = || load_actions(workdir.path());
     eprintln!(
         "bench: {} events, concurrency {}, {:?} mix, ordering {:?}, {} keys, sink latency {} ({}), {}",
         o.events,
@@ -306,7 +308,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         Some(Rate::HalfOfMax) => {
             let mut full = settings.clone();
             full.kafka.group_id = format!("bench-full-{run_id}");
-            let run = end_to_end(full, actions.clone(), &events, o, None, &mut sink).await?;
+            let run = end_to_end(full, actions()?, &events, o, None, &mut sink).await?;
             eprintln!(
                 "  end-to-end at full speed: {:>10.0} events/s",
                 run.events_per_second
@@ -325,8 +327,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     if rate.is_some() {
         e2e_settings.kafka.input_topic = rate_topic.clone();
     }
-    let mut end_to_end =
-        end_to_end(e2e_settings, actions.clone(), &events, o, rate, &mut sink).await?;
+    let mut end_to_end = end_to_end(e2e_settings, actions()?, &events, o, rate, &mut sink).await?;
     eprintln!(
         "  end-to-end:      {:>10.0} events/s",
         end_to_end.events_per_second
@@ -341,12 +342,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  Kafka round trip:{:>10.0} events/s",
         kafka_round_trip.per_second
     );
-    // The same definitions loaded again, so that limit A starts, as the
-    // end-to-end phase did, with clients that hold no connection yet.
-    let fresh = action::load_dir(&workdir.path().join("actions"), workdir.path())
-        .map_err(|p| anyhow::anyhow!("bench actions: {}", p[0]))?;
+    let options = DispatchOptions::from_settings(&settings.dispatch);
     let (limit_http, parse_render_us) =
-        http_limit(&fresh, &events, o.concurrency, &mut sink).await?;
+        http_limit(actions()?, options, &events, o.concurrency, &mut sink).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
     let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
     end_to_end.ratio = rate.is_none().then(|| end_to_end.events_per_second / limit);
@@ -474,14 +472,24 @@ fn fits_the_mock_cluster(events: &[(String, Vec<u8>)], o: &BenchOptions) -> anyh
     Ok(())
 }
 
-/// The one action of the `simple` mix: the SMS example's shape without auth.
-/// `ca` is the sink's CA when it speaks TLS.
-fn simple_action(
+/// The bench's action definitions in `dir/actions`, loaded.
+fn load_actions(dir: &Path) -> anyhow::Result<Arc<ActionSet>> {
+    action::load_dir(&dir.join("actions"), dir)
+        .map(Arc::new)
+        .map_err(|problems| {
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("bench actions: {}", problems.join("; "))
+        })
+}
+
+/// Writes the one action of the `simple` mix (the SMS example's shape
+/// without auth) into `dir/actions`. `ca` is the sink's CA when it speaks TLS.
+fn write_simple_action(
     dir: &Path,
     base: &str,
     bulkhead: Option<u32>,
     ca: Option<&Path>,
-) -> anyhow::Result<ActionSet> {
+) -> anyhow::Result<()> {
     let actions = dir.join("actions");
     std::fs::create_dir_all(&actions)?;
     let mut def = json!({
@@ -512,13 +520,13 @@ fn simple_action(
         def["throttle"] = json!({ "max_concurrency": n });
     }
     if let Some(ca) = ca {
-        def["tls"] = json!({ "ca_cert": format!("${{file:{}}}", ca.display()) });
+        crate::demo::trust_ca(&mut def, ca);
     }
     std::fs::write(
         actions.join("bench_webhook.json"),
         serde_json::to_vec_pretty(&def)?,
     )?;
-    action::load_dir(&actions, dir).map_err(|p| anyhow::anyhow!("bench action: {}", p[0]))
+    Ok(())
 }
 
 fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
@@ -543,24 +551,23 @@ fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
 /// parsing and rendering one event costs (µs, on one thread, before the
 /// requests are sent: all events over the time to prepare them).
 async fn http_limit(
-    actions: &ActionSet,
+    actions: Arc<ActionSet>,
+    options: DispatchOptions,
     events: &[(String, Vec<u8>)],
     concurrency: usize,
     sink: &mut SinkProcess,
 ) -> anyhow::Result<(Limit, f64)> {
     let sink_pid = sink.pid();
-    let shared = client::build(None, Redirects::KeepingMethod).map_err(anyhow::Error::msg)?;
-    let idempotency = reqwest::header::HeaderName::from_static("idempotency-key");
+    // The worker's own choice of client for each action: the action's own
+    // when it has TLS material (the sink's CA), else a shared one.
+    let dispatcher = Dispatcher::new(actions, options)?;
     let rendering = Instant::now();
-    // Each request goes through the client the worker gives its action: the
-    // action's own when it has TLS material (the sink's CA), else the shared.
     let requests: Vec<_> = events
         .iter()
         .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
         .filter_map(|e| {
-            crate::dispatch::prepare(actions, &e, Some(&idempotency))
-                .ok()
-                .map(|(def, r)| (def.client.clone().unwrap_or_else(|| shared.clone()), r))
+            let (def, request) = dispatcher.prepare(&e).ok()?;
+            Some((dispatcher.client_for(&def).clone(), request))
         })
         .collect();
     let parse_render_us = rendering.elapsed().as_secs_f64() * 1e6 / events.len().max(1) as f64;

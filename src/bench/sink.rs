@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,9 @@ impl Protocol {
     fn alpn(self) -> Vec<Vec<u8>> {
         match self {
             Protocol::Http | Protocol::Https => vec![b"http/1.1".to_vec()],
-            Protocol::H2 => vec![b"h2".to_vec()],
+            // h2 first: the server's order decides, and every client that
+            // offers h2 gets it; one that offers only HTTP/1.1 still works.
+            Protocol::H2 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         }
     }
 }
@@ -226,8 +228,16 @@ pub fn run_process(
                         .await;
                     return;
                 };
-                let Ok(stream) = acceptor.accept(stream).await else {
-                    return;
+                let stream = match acceptor.accept(stream).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        // Once: a client that does not trust the bench's CA
+                        // fails every handshake.
+                        if !HANDSHAKE_FAILED.swap(true, AtomicOrdering::Relaxed) {
+                            eprintln!("bench-sink: a TLS handshake failed: {e}");
+                        }
+                        return;
+                    }
                 };
                 if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                     // No limit on concurrent streams: the worker's
@@ -338,6 +348,8 @@ impl Timer {
 
 /// Connections the sink has accepted.
 static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
+/// Whether a TLS handshake has failed (reported once).
+static HANDSHAKE_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// A sink process; killed when dropped.
 pub struct SinkProcess {

@@ -340,9 +340,8 @@ pub fn example_actions(
                 }
             }
         }
-        if let (Some(ca), Some(o)) = (ca_cert, spec.as_object_mut()) {
-            let tls = o.entry("tls").or_insert_with(|| json!({}));
-            tls["ca_cert"] = json!(format!("${{file:{}}}", ca.display()));
+        if let Some(ca) = ca_cert {
+            trust_ca(&mut spec, ca);
         }
         let file = actions_dir.join(name.replace(".yaml", ".json"));
         std::fs::write(&file, serde_json::to_vec_pretty(&spec)?)?;
@@ -357,6 +356,15 @@ pub fn example_actions(
                 .join("; ")
         )
     })
+}
+
+/// Makes the action definition `spec` trust the CA in the PEM file `ca`
+/// (`tls.ca_cert`), keeping the rest of its `tls`.
+pub fn trust_ca(spec: &mut Value, ca: &Path) {
+    if let Some(o) = spec.as_object_mut() {
+        let tls = o.entry("tls").or_insert_with(|| json!({}));
+        tls["ca_cert"] = json!(format!("${{file:{}}}", ca.display()));
+    }
 }
 
 fn rebase(url: &str, base: &str) -> String {

@@ -141,7 +141,8 @@ impl Dispatcher {
             .store(Arc::new(Catalog::new(actions, Some(&current))));
     }
 
-    fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
+    /// The client a call of `def` goes through.
+    pub fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
         match (
             &def.client,
             client::Redirects::for_method(&def.request.method),
