@@ -2274,7 +2274,9 @@ async fn a_stalled_output_topic_leaves_rebalances_served() {
     let other = GroupMember::join(&kafka, &quick_consumer_props());
     eventually(
         "the joining member gets a partition",
-        Duration::from_secs(20),
+        // Far below max.poll.interval.ms (300 s), how long a member that
+        // never polls keeps the group waiting.
+        Duration::from_secs(40),
         || std::future::ready((other.assignment().len() == 1).then_some(())),
     )
     .await;
