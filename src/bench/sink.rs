@@ -202,7 +202,13 @@ pub fn run_process(
         .build()?;
     let timer = Timer::start();
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // A burst of new connections (a worker starting with `max_in_flight`
+        // calls at once) must not overflow the accept queue: tokio's default
+        // backlog of 1 024 did, and each dropped connection waited for the
+        // kernel's 1 s retransmission. The kernel caps it at somaxconn.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         println!("listening {}", listener.local_addr()?);
         std::io::stdout().flush()?;
         std::thread::spawn(|| {
@@ -345,6 +351,9 @@ impl Timer {
         let _ = woken.await;
     }
 }
+
+/// The sink's accept queue (see `run_process`).
+const LISTEN_BACKLOG: u32 = 16_384;
 
 /// Connections the sink has accepted.
 static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
