@@ -113,12 +113,11 @@ impl Protocol {
 }
 
 impl std::fmt::Display for Protocol {
+    /// The name `--sink-protocol` takes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Http => "http",
-            Protocol::Https => "https",
-            Protocol::H2 => "h2",
-        })
+        use clap::ValueEnum as _;
+        let value = self.to_possible_value().ok_or(std::fmt::Error)?;
+        f.write_str(value.get_name())
     }
 }
 
