@@ -170,6 +170,9 @@ struct Setup {
     brokers: String,
     /// One past the last offset produced to each input partition.
     produced_end: Mutex<HashMap<i32, i64>>,
+    /// With [`Setup::with_own_output`]: the mock cluster the worker writes
+    /// its results and dead letters to, apart from the input's broker.
+    output: Option<MockCluster<'static, DefaultProducerContext>>,
     // Last: the mock cluster outlives every client the test made.
     _kafka: Kafka,
 }
@@ -185,12 +188,32 @@ impl Setup {
             partitions,
             brokers: kafka.brokers(),
             produced_end: Mutex::new(HashMap::new()),
+            output: None,
             _kafka: kafka,
         };
         for topic in [&setup.input, &setup.results, &setup.dlq] {
             setup._kafka.create_topic(topic, partitions).await;
         }
         setup
+    }
+
+    /// The results and DLQ topics move to a mock cluster of their own
+    /// ([`Setup::output`]), whatever the input's broker: its produce requests
+    /// can be refused or its broker taken down without touching the input.
+    fn with_own_output(mut self) -> Setup {
+        let output = MockCluster::new(1).expect("the output cluster starts");
+        for topic in [&self.results, &self.dlq] {
+            output
+                .create_topic(topic, self.partitions, 1)
+                .expect("output topic");
+        }
+        self.output = Some(output);
+        self
+    }
+
+    /// The cluster of [`Setup::with_own_output`].
+    fn output(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        self.output.as_ref().expect("Setup::with_own_output")
     }
 
     /// Worker settings for this test's topics and group.
@@ -206,6 +229,11 @@ impl Setup {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if let Some(output) = &self.output {
+            s.kafka
+                .producer
+                .insert("bootstrap.servers".into(), output.bootstrap_servers());
+        }
         s.dispatch.shutdown_grace = Duration::from_secs(5);
         s
     }
@@ -266,8 +294,13 @@ impl Setup {
 
     /// Every record of `topic` up to its current end.
     async fn read_all(&self, topic: &str) -> Vec<Rec> {
-        let (brokers, topic, partitions) =
-            (self.brokers.clone(), topic.to_string(), self.partitions);
+        let brokers = match &self.output {
+            Some(output) if topic == self.results || topic == self.dlq => {
+                output.bootstrap_servers()
+            }
+            _ => self.brokers.clone(),
+        };
+        let (topic, partitions) = (topic.to_string(), self.partitions);
         tokio::task::spawn_blocking(move || read_topic(&brokers, &topic, partitions))
             .await
             .expect("reader thread")
@@ -1436,11 +1469,7 @@ async fn a_retrying_event_holds_back_its_key_and_its_offset_but_not_other_keys()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_broker_refuses_are_produced_again_until_acknowledged() {
     const N: usize = 10;
-    let kafka = Setup::new("produce-again", 1).await;
-    let Kafka::Mock(cluster) = &kafka._kafka else {
-        eprintln!("skipped: refusing produce requests needs the mock cluster");
-        return;
-    };
+    let kafka = Setup::new("produce-again", 1).await.with_own_output();
     // pr-3 fails for good (400): its dead letter is refused too.
     let provider = Provider::start(|call| {
         (
@@ -1451,11 +1480,13 @@ async fn records_the_broker_refuses_are_produced_again_until_acknowledged() {
     .await;
     let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
     kafka.produce(&events("pr", "notify", N, N)).await;
-    // The next produce requests (all of them the worker's now) are refused
-    // with a permanent error: librdkafka does not retry those itself, so the
-    // records come back to the worker as failed deliveries.
+    // The worker's first produce requests are refused with a permanent
+    // error: librdkafka does not retry those itself, so the records come
+    // back to the worker as failed deliveries.
     let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
-    cluster.request_errors(RDKafkaApiKey::Produce, &[refused; 4]);
+    kafka
+        .output()
+        .request_errors(RDKafkaApiKey::Produce, &[refused; 4]);
 
     let worker = start_worker(kafka.settings(), &actions);
     let results = kafka.results_for(N, "a result per event").await;
@@ -2228,26 +2259,21 @@ async fn partitions_gained_while_paused_do_not_lift_the_in_flight_limit() {
 async fn a_stalled_output_topic_leaves_rebalances_served() {
     const MAX: usize = 4;
     const PARTITIONS: i32 = 2;
-    let kafka = Setup::new("stalled", PARTITIONS).await;
     // The worker writes its results and dead letters to a cluster of their
-    // own ([kafka.producer] "bootstrap.servers"), whose broker then goes
-    // down: its records wait, unacknowledged, while the input is served.
-    let output = MockCluster::new(1).expect("the output cluster starts");
-    for topic in [&kafka.results, &kafka.dlq] {
-        output.create_topic(topic, 1, 1).expect("output topic");
-    }
+    // own, whose broker then goes down: its records wait, unacknowledged,
+    // while the input is served.
+    let kafka = Setup::new("stalled", PARTITIONS).await.with_own_output();
     let provider = Provider::start(|_| (200, Duration::ZERO)).await;
     let actions = Actions::new(&[notify_action("notify", &provider.url("/notify"), "")]);
     let mut settings = kafka.settings();
-    settings
-        .kafka
-        .producer
-        .insert("bootstrap.servers".into(), output.bootstrap_servers());
     settings.dispatch.max_in_flight = MAX;
     settings.dispatch.shutdown_grace = Duration::from_millis(200);
     let worker = start_worker(settings, &actions);
     worker.joined().await;
-    output.broker_down(1).expect("the output broker goes down");
+    kafka
+        .output()
+        .broker_down(1)
+        .expect("the output broker goes down");
     // One event at a time, each called before the next arrives: the worker
     // becomes full by outcomes waiting for acknowledgements, never by
     // events before their outcome.
