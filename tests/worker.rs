@@ -173,7 +173,8 @@ struct Setup {
     /// With [`Setup::with_own_output`]: the mock cluster the worker writes
     /// its results and dead letters to, apart from the input's broker.
     output: Option<MockCluster<'static, DefaultProducerContext>>,
-    // Last: the mock cluster outlives every client the test made.
+    // Last: the mock clusters (output, then input) outlive every client the
+    // test made.
     _kafka: Kafka,
 }
 
@@ -1515,6 +1516,10 @@ async fn records_the_broker_refuses_are_produced_again_until_acknowledged() {
 
 /// A config directory for `journey-actions run` against this test's topics.
 fn child_config(kafka: &Setup, actions: &[String], max_in_flight: usize) -> TempDir {
+    assert!(
+        kafka.output.is_none(),
+        "a child worker's config has no output cluster"
+    );
     let dir = tempfile::tempdir().expect("config dir");
     let consumer: String = quick_consumer_props()
         .iter()
