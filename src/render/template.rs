@@ -272,9 +272,6 @@ fn eval_error(field: &str, e: &minijinja::Error) -> EvalError {
     }
 }
 
-/// A value printed into text (a mixed leaf, a query value, a header, a URL
-/// path segment) the way the JSON it came from writes it: `true`, not
-/// Jinja's `True`; lists and objects as compact JSON, not Python reprs.
 /// How a value that is not `none` prints, for the engine's formatter and
 /// for the shortcut alike: percent-encoded as one path segment in a URL
 /// path (`url`); booleans, lists and objects as [`plain_text`]; anything
@@ -296,6 +293,9 @@ pub(super) fn write_value(out: &mut impl fmt::Write, value: &Value, url: bool) -
     }
 }
 
+/// A value printed into text (a mixed leaf, a query value, a header, a URL
+/// path segment) the way the JSON it came from writes it: `true`, not
+/// Jinja's `True`; lists and objects as compact JSON, not Python reprs.
 pub fn plain_text(value: &Value) -> String {
     match value.kind() {
         ValueKind::String => value.as_str().unwrap_or_default().to_string(),
