@@ -200,10 +200,11 @@ pub struct Report {
     /// Not a limit of issue 4: the Kafka work the worker cannot avoid, each
     /// event consumed and a result-sized record produced and acknowledged.
     pub kafka_round_trip: Limit,
-    /// The most the ratio can be for any worker that does, per event, limit
-    /// A's call, the Kafka round trip and the parse and render, on the CPUs
-    /// limit A kept busy: CPU of the call / CPU of all three (each measured
-    /// at its cheapest). `None` when limit A left the CPUs idle.
+    /// The ratio a worker would reach that did, per event, only limit A's
+    /// call, the Kafka round trip and the parse and render, on the CPUs limit
+    /// A kept busy: CPU of the call / CPU of all three (each measured at its
+    /// cheapest). An estimate, not a ceiling: limit A's call includes its
+    /// connection set-up. `None` when limit A left the CPUs idle.
     pub necessary_work_ratio: Option<f64>,
     pub end_to_end: EndToEnd,
     /// Parsing, checking and rendering one event, single thread, µs (what
@@ -557,7 +558,6 @@ async fn http_limit(
     concurrency: usize,
     sink: &mut SinkProcess,
 ) -> anyhow::Result<(Limit, f64)> {
-    let sink_pid = sink.pid();
     // The worker's own choice of client for each action: the action's own
     // when it has TLS material (the sink's CA), else a shared one.
     let dispatcher = Dispatcher::new(actions, options)?;
@@ -576,7 +576,7 @@ async fn http_limit(
     let next = Arc::new(AtomicUsize::new(0));
     let total = events.len();
     let connections_before = sink.connections()?;
-    let before = Snapshot::take(sink_pid);
+    let before = Snapshot::take(sink.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(total) {
@@ -739,7 +739,6 @@ async fn end_to_end(
     rate: Option<u32>,
     sink: &mut SinkProcess,
 ) -> anyhow::Result<EndToEnd> {
-    let sink_pid = sink.pid();
     let connections_before = sink.connections()?;
     let total = events.len();
     let finished: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
@@ -772,7 +771,7 @@ async fn end_to_end(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let before = Snapshot::take(sink_pid);
+    let before = Snapshot::take(sink.pid());
     let mut producing = None;
     if let Some(rate) = rate {
         let (brokers, topic, events) = (
@@ -1237,7 +1236,7 @@ pub fn table(r: &Report) -> String {
     match necessary_work(&r.limit_http, &r.kafka_round_trip, r.parse_render_us) {
         Some(NecessaryWork { call, round_trip, bound }) => out.push_str(&format!(
             "  work no worker can skip, per event, in µs of CPU: A's call {call:.1} (with the sink) + the Kafka\n  \
-             round trip {round_trip:.1} + parsing and rendering {:.1}: on these CPUs the ratio cannot exceed {bound:.2}\n",
+             round trip {round_trip:.1} + parsing and rendering {:.1}: this work alone allows a ratio of about {bound:.2}\n",
             r.parse_render_us
         )),
         None => out.push_str(&format!(
