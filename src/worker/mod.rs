@@ -293,7 +293,6 @@ impl Worker {
             chains: HashMap::new(),
             queued: HashMap::new(),
             held_back: HashSet::new(),
-            draining: false,
             in_flight: 0,
             delivering: 0,
             max_in_flight,
@@ -339,8 +338,7 @@ impl Worker {
         }
 
         drop(messages);
-        state.draining = true;
-        // Shutdown: no more fetching; let what is held finish, up to the grace period.
+        // Shutdown: no more reading; let what is held finish, up to the grace period.
         tracing::info!(in_flight = state.in_flight, delivering = state.delivering, grace = ?dispatch.shutdown_grace, "stopping: draining in-flight events");
         let deadline = tokio::time::Instant::now() + dispatch.shutdown_grace;
         while state.in_flight as isize + state.delivering > 0 {
@@ -401,8 +399,6 @@ struct Loop {
     /// Partitions paused because their waiting events fill their share of
     /// `max_in_flight` ([`Loop::queue_grew`]).
     held_back: HashSet<i32>,
-    /// Shutdown: the consumer is no longer read.
-    draining: bool,
     /// Events consumed and without an outcome yet.
     in_flight: usize,
     /// Events with an outcome whose records are not acknowledged yet. Signed:
@@ -483,13 +479,12 @@ impl Loop {
         // A new assignment starts unpaused: pause it too while we are
         // paused, and the partitions held back that are still ours.
         if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) {
-            if self.paused {
-                self.set_paused(true);
-            }
             let ours: HashSet<i32> = self.shared.partitions().keys().copied().collect();
             self.held_back.retain(|p| ours.contains(p));
-            let held: Vec<i32> = self.held_back.iter().copied().collect();
-            if !held.is_empty() {
+            if self.paused {
+                self.set_paused(true);
+            } else if !self.held_back.is_empty() {
+                let held: Vec<i32> = self.held_back.iter().copied().collect();
                 self.pause_partitions(&held, true);
             }
         }
@@ -524,9 +519,8 @@ impl Loop {
             self.queued.remove(&partition);
         }
         if left <= self.hold_back_at() / 2 && self.held_back.remove(&partition) {
-            // While everything is paused, the general resume takes it too;
-            // while draining for shutdown, nothing reads it.
-            if !self.paused && !self.draining {
+            // While everything is paused, the general resume takes it too.
+            if !self.paused {
                 tracing::debug!(partition, "backlog: partition resumed");
                 self.pause_partitions(&[partition], false);
             }
