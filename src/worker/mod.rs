@@ -63,6 +63,9 @@ const RESUME_AT: f64 = 0.75;
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Most records taken from librdkafka in one turn of the consume loop.
 const RECEIVE_BATCH: usize = 64;
+/// The wait before a failed produce is tried again; it doubles each time,
+/// up to [`MAX_PRODUCE_BACKOFF`].
+const FIRST_PRODUCE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two tries of a produce that failed.
 const MAX_PRODUCE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -1007,7 +1010,7 @@ fn outputs(
         key: record.key.clone(),
         value,
         headers,
-        backoff: Duration::from_millis(100),
+        backoff: FIRST_PRODUCE_BACKOFF,
     };
     let mut deliveries = Vec::with_capacity(2);
     if ctx.results_topic.is_some() {
