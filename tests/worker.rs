@@ -2115,6 +2115,16 @@ impl GroupMember {
         self.assignment.lock().expect("assignment").clone()
     }
 
+    /// Waits until this member holds `n` partitions, and returns them.
+    async fn holds(&self, n: usize, within: Duration) -> Vec<i32> {
+        let what = format!("the other member holds {n} partition(s)");
+        eventually(&what, within, || {
+            let a = self.assignment();
+            std::future::ready((a.len() == n).then_some(a))
+        })
+        .await
+    }
+
     fn leave(mut self) {
         self.stop.store(true, AtomicOrdering::SeqCst);
         if let Some(t) = self.thread.take() {
@@ -2172,15 +2182,9 @@ async fn partitions_gained_while_paused_do_not_lift_the_in_flight_limit() {
     });
     worker.joined().await;
     let other = GroupMember::join(&kafka, &props);
-    let theirs = eventually(
-        "the other member gets half the partitions",
-        Duration::from_secs(60),
-        || {
-            let a = other.assignment();
-            std::future::ready((a.len() == PARTITIONS as usize / 2).then_some(a))
-        },
-    )
-    .await;
+    let theirs = other
+        .holds(PARTITIONS as usize / 2, Duration::from_secs(60))
+        .await;
     let ours = (0..PARTITIONS)
         .find(|p| !theirs.contains(p))
         .expect("a partition of the worker");
@@ -2306,14 +2310,9 @@ async fn a_stalled_output_topic_leaves_rebalances_served() {
     );
 
     let other = GroupMember::join(&kafka, &quick_consumer_props());
-    eventually(
-        "the joining member gets a partition",
-        // Far below max.poll.interval.ms (300 s), how long a member that
-        // never polls keeps the group waiting.
-        Duration::from_secs(40),
-        || std::future::ready((other.assignment().len() == 1).then_some(())),
-    )
-    .await;
+    // Far below max.poll.interval.ms (300 s), how long a member that never
+    // polls keeps the group waiting.
+    other.holds(1, Duration::from_secs(40)).await;
     other.leave();
     worker.stop().await;
 }
@@ -2369,12 +2368,7 @@ async fn partitions_paused_when_revoked_are_read_again_when_they_come_back() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let other = GroupMember::join(&kafka, &quick_consumer_props());
-    eventually(
-        "the other member gets a partition",
-        Duration::from_secs(60),
-        || std::future::ready((other.assignment().len() == 1).then_some(())),
-    )
-    .await;
+    other.holds(1, Duration::from_secs(60)).await;
     holding.store(false, AtomicOrdering::SeqCst);
     other.leave();
 
