@@ -338,6 +338,12 @@ impl Setup {
         .await
     }
 
+    /// Waits (60 s) for at least `n` dead letters.
+    async fn dead_letters_for(&self, n: usize, what: &str) -> Vec<Rec> {
+        self.read_until(&self.dlq, what, Duration::from_secs(60), |r| r.len() >= n)
+            .await
+    }
+
     /// The group's committed position per partition of the input topic.
     async fn committed(&self) -> Vec<Option<i64>> {
         let (brokers, group, topic, partitions) = (
@@ -1068,12 +1074,7 @@ async fn every_failure_outcome_is_dead_lettered_byte_exact_with_ja_headers() {
 
     let worker = start_worker(kafka.settings(), &actions);
     kafka
-        .read_until(
-            &kafka.dlq,
-            "a DLQ record per failure",
-            Duration::from_secs(60),
-            |r| r.len() >= failures,
-        )
+        .dead_letters_for(failures, "a DLQ record per failure")
         .await;
     kafka
         .read_until(
@@ -1257,12 +1258,7 @@ async fn with_the_results_topic_disabled_failures_still_reach_the_dlq_and_offset
     settings.kafka.results_topic = String::new();
     let worker = start_worker(settings, &actions);
     let dead = kafka
-        .read_until(
-            &kafka.dlq,
-            "the unknown action's dead letter",
-            Duration::from_secs(60),
-            |r| !r.is_empty(),
-        )
+        .dead_letters_for(1, "the unknown action's dead letter")
         .await;
     kafka.wait_committed_to_end(Duration::from_secs(30)).await;
     let finished = worker.finished().len();
@@ -1492,14 +1488,7 @@ async fn records_the_broker_refuses_are_produced_again_until_acknowledged() {
     let worker = start_worker(kafka.settings(), &actions);
     let results = kafka.results_for(N, "a result per event").await;
     kafka.wait_committed_to_end(Duration::from_secs(30)).await;
-    let dead = kafka
-        .read_until(
-            &kafka.dlq,
-            "pr-3's dead letter",
-            Duration::from_secs(30),
-            |r| !r.is_empty(),
-        )
-        .await;
+    let dead = kafka.dead_letters_for(1, "pr-3's dead letter").await;
     let finals = worker.final_ids();
     let dead_counted = worker.metrics.dlq.with_label_values(&["http_400"]).get();
     worker.stop().await;
