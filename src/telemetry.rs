@@ -29,12 +29,17 @@ pub fn init(format: LogFormat, verbosity: i8) {
     };
 }
 
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::dispatch::Outcome;
+use crate::dispatch::{AttemptStatus, Outcome, OutcomeCode};
 
 /// The label used for `action` when the event names no known action, so
 /// label values stay bounded by the configuration.
@@ -55,6 +60,87 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    /// The series [`Metrics::record`] updates, per action and per limits key.
+    actions: Series<ActionSeries>,
+    keys: Series<KeySeries>,
+}
+
+/// Series found once per label value and kept: a labelled lookup hashes the
+/// label values and takes the vector's lock, and an event updates five to
+/// seven series, from every runtime thread at once. Reading the map takes no
+/// lock; a label value seen for the first time is added (copy on write).
+struct Series<T> {
+    by_label: ArcSwap<HashMap<String, Arc<T>>>,
+}
+
+impl<T> Series<T> {
+    fn new() -> Series<T> {
+        Series {
+            by_label: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    /// Runs `f` on the series of `label`, made by `make` the first time
+    /// (borrowed, not cloned: an `Arc` clone is a write to a shared counter).
+    fn with<R>(&self, label: &str, make: impl FnOnce() -> T, f: impl FnOnce(&T) -> R) -> R {
+        if let Some(found) = self.by_label.load().get(label) {
+            return f(found);
+        }
+        let made = Arc::new(make());
+        self.by_label.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.entry(label.to_string())
+                .or_insert_with(|| made.clone());
+            next
+        });
+        f(&made)
+    }
+}
+
+/// One action's series.
+struct ActionSeries {
+    event_duration: Histogram,
+    /// From the first call on, and the first retry on.
+    http_duration: OnceLock<Histogram>,
+    retries: OnceLock<IntCounter>,
+    outcomes: Children<OutcomeCode>,
+    http_requests: Children<AttemptStatus>,
+}
+
+/// One limits key's series, each from its first use on.
+struct KeySeries {
+    throttle_wait: OnceLock<Histogram>,
+    capped: OnceLock<IntCounter>,
+}
+
+/// The counters of one action by the value of their second label (outcome,
+/// status), found once each.
+struct Children<K> {
+    seen: ArcSwap<Vec<(K, IntCounter)>>,
+}
+
+impl<K: Copy + Eq + Display> Children<K> {
+    fn new() -> Children<K> {
+        Children {
+            seen: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    fn inc(&self, key: K, vec: &IntCounterVec, action: &str) {
+        if let Some((_, counter)) = self.seen.load().iter().find(|(k, _)| *k == key) {
+            counter.inc();
+            return;
+        }
+        let counter = vec.with_label_values(&[action, &key.to_string()]);
+        counter.inc();
+        self.seen.rcu(|seen| {
+            let mut next = Vec::clone(seen);
+            if !next.iter().any(|(k, _)| *k == key) {
+                next.push((key, counter.clone()));
+            }
+            next
+        });
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,39 +271,60 @@ impl Metrics {
                 .unwrap(),
             ),
             registry,
+            actions: Series::new(),
+            keys: Series::new(),
         }
     }
 
     /// Counts one final outcome: the one place every outcome is counted.
     pub fn record(&self, action: &str, outcome: &Outcome, event_seconds: f64) {
-        let code = outcome.code.to_string();
-        self.outcomes.with_label_values(&[action, &code]).inc();
-        self.event_duration
-            .with_label_values(&[action])
-            .observe(event_seconds);
-        for attempt in &outcome.attempts {
-            self.http_requests
-                .with_label_values(&[action, &attempt.status.to_string()])
-                .inc();
-            self.http_duration
-                .with_label_values(&[action])
-                .observe(attempt.duration.as_secs_f64());
-        }
-        if outcome.attempts.len() > 1 {
-            self.retries
-                .with_label_values(&[action])
-                .inc_by(outcome.attempts.len() as u64 - 1);
-        }
-        if let Some(key) = &outcome.limits_key {
-            if outcome.code == crate::dispatch::OutcomeCode::Capped {
-                self.capped.with_label_values(&[key]).inc();
+        let make = || ActionSeries {
+            event_duration: self.event_duration.with_label_values(&[action]),
+            http_duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            outcomes: Children::new(),
+            http_requests: Children::new(),
+        };
+        self.actions.with(action, make, |series| {
+            series.outcomes.inc(outcome.code, &self.outcomes, action);
+            series.event_duration.observe(event_seconds);
+            for attempt in &outcome.attempts {
+                series
+                    .http_requests
+                    .inc(attempt.status, &self.http_requests, action);
+                series
+                    .http_duration
+                    .get_or_init(|| self.http_duration.with_label_values(&[action]))
+                    .observe(attempt.duration.as_secs_f64());
+            }
+            if outcome.attempts.len() > 1 {
+                series
+                    .retries
+                    .get_or_init(|| self.retries.with_label_values(&[action]))
+                    .inc_by(outcome.attempts.len() as u64 - 1);
+            }
+        });
+        let Some(key) = &outcome.limits_key else {
+            return;
+        };
+        let make = || KeySeries {
+            throttle_wait: OnceLock::new(),
+            capped: OnceLock::new(),
+        };
+        self.keys.with(key, make, |series| {
+            if outcome.code == OutcomeCode::Capped {
+                series
+                    .capped
+                    .get_or_init(|| self.capped.with_label_values(&[key]))
+                    .inc();
             }
             if !outcome.attempts.is_empty() || !outcome.throttle_wait.is_zero() {
-                self.throttle_wait
-                    .with_label_values(&[key])
+                series
+                    .throttle_wait
+                    .get_or_init(|| self.throttle_wait.with_label_values(&[key]))
                     .observe(outcome.throttle_wait.as_secs_f64());
             }
-        }
+        });
     }
 
     /// The Prometheus text exposition.
@@ -231,5 +338,104 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dispatch::Attempt;
+
+    fn outcome(code: OutcomeCode, statuses: &[AttemptStatus], key: Option<&str>) -> Outcome {
+        let mut outcome = Outcome::early(code, "");
+        outcome.attempts = statuses
+            .iter()
+            .map(|&status| Attempt {
+                status,
+                duration: Duration::from_millis(3),
+            })
+            .collect();
+        outcome.limits_key = key.map(str::to_string);
+        outcome
+    }
+
+    /// The lines of the exposition that name `needle`, comments left out.
+    fn lines(metrics: &Metrics, needle: &str) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn series_found_once_count_what_every_later_event_adds() {
+        let metrics = Metrics::new();
+        let ok = outcome(OutcomeCode::Ok, &[AttemptStatus::Status(200)], Some("k"));
+        let retried = outcome(
+            OutcomeCode::Http(503),
+            &[
+                AttemptStatus::Status(503),
+                AttemptStatus::Timeout,
+                AttemptStatus::Status(503),
+            ],
+            Some("k"),
+        );
+        for _ in 0..3 {
+            metrics.record("a", &ok, 0.01);
+        }
+        metrics.record("a", &retried, 0.5);
+        metrics.record("a", &retried, 0.5);
+        metrics.record("b", &outcome(OutcomeCode::Capped, &[], Some("k")), 0.0);
+
+        let p = "journey_actions_";
+        for (needle, expected) in [
+            (
+                "outcomes_total{",
+                vec![
+                    format!(r#"{p}outcomes_total{{action="a",outcome="http_503"}} 2"#),
+                    format!(r#"{p}outcomes_total{{action="a",outcome="ok"}} 3"#),
+                    format!(r#"{p}outcomes_total{{action="b",outcome="capped"}} 1"#),
+                ],
+            ),
+            (
+                "http_requests_total{",
+                vec![
+                    format!(r#"{p}http_requests_total{{action="a",status="200"}} 3"#),
+                    format!(r#"{p}http_requests_total{{action="a",status="503"}} 4"#),
+                    format!(r#"{p}http_requests_total{{action="a",status="timeout"}} 2"#),
+                ],
+            ),
+            (
+                "retries_total{",
+                vec![format!(r#"{p}retries_total{{action="a"}} 4"#)],
+            ),
+            (
+                "http_request_duration_seconds_count{",
+                vec![format!(
+                    r#"{p}http_request_duration_seconds_count{{action="a"}} 9"#
+                )],
+            ),
+            (
+                "event_duration_seconds_count{",
+                vec![
+                    format!(r#"{p}event_duration_seconds_count{{action="a"}} 5"#),
+                    format!(r#"{p}event_duration_seconds_count{{action="b"}} 1"#),
+                ],
+            ),
+            (
+                "capped_total{",
+                vec![format!(r#"{p}capped_total{{key="k"}} 1"#)],
+            ),
+            (
+                "throttle_wait_seconds_count{",
+                vec![format!(r#"{p}throttle_wait_seconds_count{{key="k"}} 5"#)],
+            ),
+        ] {
+            assert_eq!(lines(&metrics, needle), expected, "{needle}");
+        }
     }
 }
