@@ -63,6 +63,8 @@ pub struct Metrics {
     /// The series [`Metrics::record`] updates, per action and per limits key.
     actions: Series<ActionSeries>,
     keys: Series<KeySeries>,
+    /// `dlq`'s series by outcome ([`Metrics::dead_lettered`]).
+    dead_letters: Children<OutcomeCode>,
 }
 
 /// Series found once per label value and kept: a labelled lookup hashes the
@@ -113,8 +115,8 @@ struct KeySeries {
     capped: OnceLock<IntCounter>,
 }
 
-/// The counters of one action by the value of their second label (outcome,
-/// status), found once each.
+/// The counters of a vector by the value of their last label (outcome,
+/// status), the labels before it being fixed; found once each.
 struct Children<K> {
     seen: ArcSwap<Vec<(K, IntCounter)>>,
 }
@@ -126,12 +128,16 @@ impl<K: Copy + Eq + Display> Children<K> {
         }
     }
 
-    fn inc(&self, key: K, vec: &IntCounterVec, action: &str) {
+    /// Counts one for `key`, whose series in `vec` has the labels `before`
+    /// and then `key`.
+    fn inc(&self, key: K, vec: &IntCounterVec, before: &[&str]) {
         if let Some((_, counter)) = self.seen.load().iter().find(|(k, _)| *k == key) {
             counter.inc();
             return;
         }
-        let counter = vec.with_label_values(&[action, &key.to_string()]);
+        let last = key.to_string();
+        let labels: Vec<&str> = before.iter().copied().chain([last.as_str()]).collect();
+        let counter = vec.with_label_values(&labels);
         counter.inc();
         self.seen.rcu(|seen| {
             let mut next = Vec::clone(seen);
@@ -273,6 +279,7 @@ impl Metrics {
             registry,
             actions: Series::new(),
             keys: Series::new(),
+            dead_letters: Children::new(),
         }
     }
 
@@ -286,12 +293,12 @@ impl Metrics {
             http_requests: Children::new(),
         };
         self.actions.with(action, make, |series| {
-            series.outcomes.inc(outcome.code, &self.outcomes, action);
+            series.outcomes.inc(outcome.code, &self.outcomes, &[action]);
             series.event_duration.observe(event_seconds);
             for attempt in &outcome.attempts {
                 series
                     .http_requests
-                    .inc(attempt.status, &self.http_requests, action);
+                    .inc(attempt.status, &self.http_requests, &[action]);
                 series
                     .http_duration
                     .get_or_init(|| self.http_duration.with_label_values(&[action]))
@@ -325,6 +332,11 @@ impl Metrics {
                     .observe(outcome.throttle_wait.as_secs_f64());
             }
         });
+    }
+
+    /// Counts a dead letter the broker acknowledged (SPEC §7 `dlq_total`).
+    pub fn dead_lettered(&self, code: OutcomeCode) {
+        self.dead_letters.inc(code, &self.dlq, &[]);
     }
 
     /// The Prometheus text exposition.
@@ -390,6 +402,13 @@ mod tests {
         metrics.record("a", &retried, 0.5);
         metrics.record("a", &retried, 0.5);
         metrics.record("b", &outcome(OutcomeCode::Capped, &[], Some("k")), 0.0);
+        for code in [
+            OutcomeCode::Http(503),
+            OutcomeCode::Capped,
+            OutcomeCode::Http(503),
+        ] {
+            metrics.dead_lettered(code);
+        }
 
         let p = "journey_actions_";
         for (needle, expected) in [
@@ -429,6 +448,13 @@ mod tests {
             (
                 "capped_total{",
                 vec![format!(r#"{p}capped_total{{key="k"}} 1"#)],
+            ),
+            (
+                "dlq_total{",
+                vec![
+                    format!(r#"{p}dlq_total{{outcome="capped"}} 1"#),
+                    format!(r#"{p}dlq_total{{outcome="http_503"}} 2"#),
+                ],
             ),
             (
                 "throttle_wait_seconds_count{",

@@ -296,6 +296,7 @@ impl Worker {
             chains: HashMap::new(),
             queued: HashMap::new(),
             held_back: HashSet::new(),
+            assigned: 0,
             in_flight: 0,
             delivering: 0,
             max_in_flight,
@@ -402,6 +403,9 @@ struct Loop {
     /// Partitions paused because their waiting events fill their share of
     /// `max_in_flight` ([`Loop::queue_grew`]).
     held_back: HashSet<i32>,
+    /// Partitions assigned, as of the last record read (read from the
+    /// partition table while it is locked for that record anyway).
+    assigned: usize,
     /// Events consumed and without an outcome yet.
     in_flight: usize,
     /// Events with an outcome whose records are not acknowledged yet. Signed:
@@ -433,6 +437,7 @@ impl Loop {
         let offset = message.offset();
         let (epoch, cancel) = {
             let mut partitions = self.shared.partitions();
+            self.assigned = partitions.len();
             match partitions.get_mut(&partition) {
                 Some(p) => {
                     if !p.tracker.consumed(offset) {
@@ -534,8 +539,7 @@ impl Loop {
     /// `max_in_flight`, and at least 4, so that a window smaller than the
     /// partitions does not pause and resume (and fetch again) per event.
     fn hold_back_at(&self) -> usize {
-        let assigned = self.shared.partitions().len().max(1);
-        (self.max_in_flight / assigned).max(4)
+        (self.max_in_flight / self.assigned.max(1)).max(4)
     }
 
     /// No reading while `max_in_flight` events are before their outcome,
@@ -569,8 +573,7 @@ impl Loop {
             Report::Final(event) => self.settled(&event, true),
             Report::Acked(delivery) => {
                 if let Output::DeadLetter(code) = delivery.output {
-                    let label = code.to_string();
-                    self.jobs.metrics.dlq.with_label_values(&[&label]).inc();
+                    self.jobs.metrics.dead_lettered(code);
                 }
                 self.record_done(&delivery.event, true);
             }
