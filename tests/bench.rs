@@ -89,6 +89,9 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         serde_json::json!({ "ok": events }),
         "every event ends ok"
     );
+    // Without --rate no event is left out of the latency figures (a rate
+    // run leaves out its first second: see the --rate test).
+    assert_eq!(number(&report, "end_to_end.latency_events"), events as f64);
 
     // The ratio is end-to-end over the lower limit.
     let limit =

@@ -548,9 +548,9 @@ fn simple_events(total: usize, keys: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Limit A: the rendered requests sent with the worker's client settings at
-/// the worker's concurrency; `count` is the answers read. Also returns what
-/// parsing and rendering one event costs (µs, on one thread, before the
-/// requests are sent: all events over the time to prepare them).
+/// the worker's concurrency; the limit's `count` is the answers read. Also
+/// returns what parsing and rendering one event costs (µs, on one thread,
+/// before the requests are sent: all events over the time to prepare them).
 async fn http_limit(
     actions: Arc<ActionSet>,
     options: DispatchOptions,

@@ -224,14 +224,8 @@ pub fn run_process(
             let timer = timer.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    answer(req, latency, timer.clone())
-                });
                 let Some(acceptor) = acceptor else {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    return;
+                    return serve(stream, false, latency, timer).await;
                 };
                 let stream = match acceptor.accept(stream).await {
                     Ok(stream) => stream,
@@ -244,21 +238,32 @@ pub fn run_process(
                         return;
                     }
                 };
-                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    // No limit on concurrent streams: the worker's
-                    // concurrency, not the sink, decides how many calls run.
-                    let _ = http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(None)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                } else {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                }
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve(stream, h2, latency, timer).await;
             });
         }
     })
+}
+
+/// Serves one connection's calls: over HTTP/2 when ALPN chose it (`h2`),
+/// else over HTTP/1.1.
+async fn serve<S>(stream: S, h2: bool, latency: Latency, timer: Timer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        service_fn(move |req: Request<hyper::body::Incoming>| answer(req, latency, timer.clone()));
+    let io = TokioIo::new(stream);
+    let _ = if h2 {
+        // No limit on concurrent streams: the worker's concurrency, not
+        // the sink, decides how many calls run.
+        http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(None)
+            .serve_connection(io, service)
+            .await
+    } else {
+        http1::Builder::new().serve_connection(io, service).await
+    };
 }
 
 async fn answer(
