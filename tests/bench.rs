@@ -139,7 +139,11 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         serde_json::json!({ "HTTP/1.1": events })
     );
     assert!(number(&report, "end_to_end.sink_connections") >= 1.0);
+    // The warm-up: two calls per connection the worker will use, uncounted.
+    assert_eq!(number(&report, "warm_up_calls"), 128.0);
+    assert!(number(&report, "warm_up_connections") >= 1.0);
     for row in [
+        "warm-up: 128 calls to the sink over",
         "limit A: HTTP to the sink",
         "limit B: Kafka consume",
         "Kafka round trip (+result)",

@@ -190,6 +190,11 @@ pub struct Report {
     /// `rate` is half of its events/s.
     pub full_speed: Option<EndToEnd>,
     pub bulkhead: Option<u32>,
+    /// Calls sent to the sink before the first phase, not counted (see
+    /// [`warm_up_calls`]).
+    pub warm_up_calls: usize,
+    /// Connections the sink accepted during the warm-up.
+    pub warm_up_connections: usize,
     /// librdkafka settings given on top of the worker's defaults
     /// (`[kafka.consumer]`, `[kafka.producer]`, and on the mock cluster
     /// [`MOCK_FETCH_WAIT`]).
@@ -303,6 +308,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     )
     .await?;
 
+    let options = DispatchOptions::from_settings(&settings.dispatch);
+    let warm_up_calls = warm_up_calls(o);
+    let connections_before = sink.connections()?;
+    warm_up(
+        actions()?,
+        options.clone(),
+        &events,
+        warm_up_calls,
+        warm_up_concurrency(o),
+    )
+    .await?;
+    let warm_up_connections = sink.connections()? - connections_before;
     // End-to-end first, so its memory peak is not inflated by what the limit
     // phases leave allocated (10 000 sink connections, for one).
     let mut full_speed = match o.rate {
@@ -343,7 +360,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         "  Kafka round trip:{:>10.0} events/s",
         kafka_round_trip.per_second
     );
-    let options = DispatchOptions::from_settings(&settings.dispatch);
     let (limit_http, parse_render_us) =
         http_limit(actions()?, options, &events, o.concurrency, &mut sink).await?;
     eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
@@ -385,6 +401,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         rate,
         full_speed,
         bulkhead: o.bulkhead,
+        warm_up_calls,
+        warm_up_connections,
         consumer_settings: settings.kafka.consumer.clone(),
         producer_settings: settings.kafka.producer.clone(),
 
@@ -558,51 +576,14 @@ async fn http_limit(
     concurrency: usize,
     sink: &mut SinkProcess,
 ) -> anyhow::Result<(Limit, f64)> {
-    // The worker's own choice of client for each action: the action's own
-    // when it has TLS material (the sink's CA), else a shared one.
-    let dispatcher = Dispatcher::new(actions, options)?;
     let rendering = Instant::now();
-    let requests: Vec<_> = events
-        .iter()
-        .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
-        .filter_map(|e| {
-            let (def, request) = dispatcher.prepare(&e).ok()?;
-            Some((dispatcher.client_for(&def).clone(), request))
-        })
-        .collect();
+    let requests = Calls::prepare(actions, options, events)?;
     let parse_render_us = rendering.elapsed().as_secs_f64() * 1e6 / events.len().max(1) as f64;
-    anyhow::ensure!(!requests.is_empty(), "no event renders");
-    let requests = Arc::new(requests);
-    let next = Arc::new(AtomicUsize::new(0));
     let total = events.len();
     let connections_before = sink.connections()?;
     let before = Snapshot::take(sink.pid());
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.min(total) {
-        let (requests, next) = (requests.clone(), next.clone());
-        tasks.spawn(async move {
-            // Answers per HTTP version.
-            let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
-            loop {
-                let i = next.fetch_add(1, AtomicOrdering::Relaxed);
-                if i >= total {
-                    return Ok::<_, reqwest::Error>(answered);
-                }
-                let (client, request) = &requests[i % requests.len()];
-                let resp = client.execute(crate::dispatch::to_request(request)).await?;
-                let version = resp.version();
-                let _ = resp.bytes().await?;
-                *answered.entry(version).or_default() += 1;
-            }
-        });
-    }
-    let mut versions = BTreeMap::new();
-    while let Some(r) = tasks.join_next().await {
-        for (version, n) in r?? {
-            *versions.entry(format!("{version:?}")).or_default() += n;
-        }
-    }
+    let versions = requests.send(total, concurrency).await?;
     let answered = versions.values().sum();
     let mut measured = limit(answered, started.elapsed());
     let used = before.since();
@@ -612,6 +593,113 @@ async fn http_limit(
     measured.http_versions = Some(versions);
     measured.machine = used.machine;
     Ok((measured, parse_render_us))
+}
+
+/// Before any phase is measured: limit A's calls, `calls` of them, not
+/// counted. The sink's process starts cold (its first connections, tasks
+/// and memory): whichever phase came first would pay for that, and the
+/// end-to-end phase comes first. The calls run on a thread and runtime of
+/// their own, whose memory is given back when they are done, so that the
+/// end-to-end phase's peak RSS is the worker's alone.
+async fn warm_up(
+    actions: Arc<ActionSet>,
+    options: DispatchOptions,
+    events: &[(String, Vec<u8>)],
+    calls: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let events = events[..calls.min(events.len())].to_vec();
+    let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let sent = runtime.block_on(async {
+            let requests = Calls::prepare(actions, options, &events)?;
+            requests.send(calls, concurrency).await?;
+            anyhow::Ok(())
+        });
+        drop(runtime);
+        // SAFETY: mi_collect has no preconditions; it only returns memory
+        // that nothing uses any more to the system.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+        sent
+    });
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the warm-up panicked"))?
+}
+
+/// The warm-up's concurrency: as many calls at once as the worker will make
+/// (`--concurrency`, or `--max-concurrency` when lower).
+fn warm_up_concurrency(o: &BenchOptions) -> usize {
+    o.bulkhead
+        .map_or(o.concurrency, |b| o.concurrency.min(b as usize))
+        .max(1)
+}
+
+/// Two calls per connection of the warm-up, at most one per event.
+fn warm_up_calls(o: &BenchOptions) -> usize {
+    (2 * warm_up_concurrency(o)).min(o.events)
+}
+
+/// Rendered requests, each with the client the worker would send it with.
+struct Calls(Arc<Vec<(reqwest::Client, crate::render::RenderedRequest)>>);
+
+impl Calls {
+    fn prepare(
+        actions: Arc<ActionSet>,
+        options: DispatchOptions,
+        events: &[(String, Vec<u8>)],
+    ) -> anyhow::Result<Calls> {
+        // The worker's own choice of client for each action: the action's own
+        // when it has TLS material (the sink's CA), else a shared one.
+        let dispatcher = Dispatcher::new(actions, options)?;
+        let requests: Vec<_> = events
+            .iter()
+            .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
+            .filter_map(|e| {
+                let (def, request) = dispatcher.prepare(&e).ok()?;
+                Some((dispatcher.client_for(&def).clone(), request))
+            })
+            .collect();
+        anyhow::ensure!(!requests.is_empty(), "no event renders");
+        Ok(Calls(Arc::new(requests)))
+    }
+
+    /// Sends `total` calls, `concurrency` at a time, reading every answer;
+    /// the answers by HTTP version.
+    async fn send(
+        &self,
+        total: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<BTreeMap<String, usize>> {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.min(total) {
+            let (requests, next) = (self.0.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
+                loop {
+                    let i = next.fetch_add(1, AtomicOrdering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, reqwest::Error>(answered);
+                    }
+                    let (client, request) = &requests[i % requests.len()];
+                    let resp = client.execute(crate::dispatch::to_request(request)).await?;
+                    let version = resp.version();
+                    let _ = resp.bytes().await?;
+                    *answered.entry(version).or_default() += 1;
+                }
+            });
+        }
+        let mut versions = BTreeMap::new();
+        while let Some(r) = tasks.join_next().await {
+            for (version, n) in r?? {
+                *versions.entry(format!("{version:?}")).or_default() += n;
+            }
+        }
+        Ok(versions)
+    }
 }
 
 fn per_10k(seconds: f64, count: usize) -> f64 {
@@ -756,12 +844,12 @@ async fn end_to_end(
         })
     };
     let metrics = Arc::new(Metrics::new());
-    let worker = Worker::new(settings.clone(), actions, metrics)?.with_observer(observer);
+    let worker = Worker::new(settings.clone(), actions, metrics.clone())?.with_observer(observer);
     let ready = worker.ready_flag();
     let stop = CancellationToken::new();
     reset_peak_rss();
     let task = tokio::spawn(worker.run(stop.clone()));
-    // CPU is counted from the group join on: before it, the worker waits.
+    // Nothing is counted before the group join: until then, the worker waits.
     let join_deadline = Instant::now() + Duration::from_secs(60);
     while !ready.load(AtomicOrdering::Relaxed) {
         if task.is_finished() || Instant::now() > join_deadline {
@@ -770,6 +858,20 @@ async fn end_to_end(
             anyhow::bail!("end-to-end: the worker did not join its consumer group in 60 s");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The events are there already: CPU is counted from the first one read,
+    // as the events/s are (the fetches that start the partitions are left
+    // out of both).
+    if rate.is_none() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while metrics.events_consumed.get() == 0 {
+            if task.is_finished() || Instant::now() > deadline {
+                stop.cancel();
+                task.await??;
+                anyhow::bail!("end-to-end: the worker read no event in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     let before = Snapshot::take(sink.pid());
     let mut producing = None;
@@ -1136,7 +1238,10 @@ pub fn table(r: &Report) -> String {
             out.push_str(&format!("{client} settings: {}\n", list.join(" ")));
         }
     }
-    out.push('\n');
+    out.push_str(&format!(
+        "warm-up: {} calls to the sink over {} connections before the first phase, not counted\n\n",
+        r.warm_up_calls, r.warm_up_connections
+    ));
     out.push_str(&format!(
         "{:<28}{:>12}   {:>24}{:>8}   {}\n",
         "phase", "per second", "CPU s per 10k: this proc.", "sink", "machine CPU busy"
