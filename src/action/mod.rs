@@ -67,7 +67,7 @@ impl ActionDefinition {
     /// the event does not carry (they render as `none`).
     pub fn check_params<'a>(
         &'a self,
-        params: &serde_json::Map<String, serde_json::Value>,
+        params: &crate::event::Object,
     ) -> Result<Vec<&'a str>, String> {
         params::check(&self.parameters, params)
     }

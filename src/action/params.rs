@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::event::Object;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParamType {
     String,
@@ -107,10 +109,7 @@ pub(super) fn compile(
 }
 
 /// Checks `params`; returns the optional parameters absent from it.
-pub fn check<'a>(
-    declared: &'a [Parameter],
-    params: &Map<String, Value>,
-) -> Result<Vec<&'a str>, String> {
+pub fn check<'a>(declared: &'a [Parameter], params: &Object) -> Result<Vec<&'a str>, String> {
     let mut missing = Vec::new();
     for p in declared {
         match params.get(&p.name) {
@@ -201,19 +200,12 @@ mod tests {
                 required: false,
             },
         ];
-        let ok = check(
-            &declared,
-            json!({"phone": "+33", "name": null}).as_object().unwrap(),
-        )
-        .unwrap();
+        let params = |v: Value| serde_json::from_value::<Object>(v).unwrap();
+        let ok = check(&declared, &params(json!({"phone": "+33", "name": null}))).unwrap();
         assert_eq!(ok, vec!["amount"]);
-        let err = check(&declared, json!({"amount": 1}).as_object().unwrap()).unwrap_err();
+        let err = check(&declared, &params(json!({"amount": 1}))).unwrap_err();
         assert_eq!(err, "params.phone is required");
-        let err = check(
-            &declared,
-            json!({"phone": "+33", "amount": "12"}).as_object().unwrap(),
-        )
-        .unwrap_err();
+        let err = check(&declared, &params(json!({"phone": "+33", "amount": "12"}))).unwrap_err();
         assert!(err.starts_with("params.amount must be decimal"), "{err}");
     }
 }

@@ -22,7 +22,7 @@ use serde_json::Map;
 use url::Url;
 
 use crate::action::secret::{self, Part};
-use crate::event::ActionEvent;
+use crate::event::{ActionEvent, Object};
 use fast::Found;
 pub use template::{EvalError as RenderError, Leaf, Templates};
 
@@ -673,7 +673,7 @@ impl fast::Scope for EventScope<'_> {
             _ => None,
         };
         match (map, rest) {
-            (Some(map), [_, ..]) => find_in(map, rest),
+            (Some(map), [key, deeper @ ..]) => found(map.get(key), deeper),
             _ => Found::Unknown,
         }
     }
@@ -689,22 +689,19 @@ impl fast::Scope for EventScope<'_> {
     }
 }
 
-/// `path` (not empty) inside a JSON object.
-fn find_in<'a>(map: &'a Map<String, serde_json::Value>, path: &[String]) -> Found<'a> {
-    let (key, deeper) = match path.split_first() {
-        Some(split) => split,
-        None => return Found::Unknown,
-    };
-    match (map.get(key), deeper) {
+/// What `value` (the value at a key, if the key is there) holds at
+/// `deeper`, the rest of the path.
+fn found<'a>(value: Option<&'a serde_json::Value>, deeper: &[String]) -> Found<'a> {
+    match (value, deeper) {
         (Some(value), []) => Found::Json(value),
-        (Some(serde_json::Value::Object(inner)), _) => find_in(inner, deeper),
+        (Some(serde_json::Value::Object(inner)), [key, rest @ ..]) => found(inner.get(key), rest),
         (None, []) => Found::Missing,
         _ => Found::Unknown,
     }
 }
 
 struct Params<'a> {
-    given: &'a Map<String, serde_json::Value>,
+    given: &'a Object,
     missing: &'a [&'a str],
 }
 
@@ -715,7 +712,7 @@ impl Serialize for Params<'_> {
             map.serialize_entry(k, v)?;
         }
         for k in self.missing {
-            if !self.given.contains_key(*k) {
+            if !self.given.contains_key(k) {
                 map.serialize_entry(k, &())?;
             }
         }

@@ -3,10 +3,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::dispatch::Outcome;
-use crate::event::{ActionEvent, InvalidEvent};
+use crate::event::{ActionEvent, InvalidEvent, Object};
 
 /// Longest `ja-error` header value.
 pub const MAX_ERROR_BYTES: usize = 1024;
@@ -18,7 +18,7 @@ pub struct Identity {
     pub event_id: Option<String>,
     pub action_id: Option<String>,
     pub profile_id: Option<String>,
-    pub journey: Option<Map<String, Value>>,
+    pub journey: Option<Object>,
 }
 
 impl Identity {
@@ -47,7 +47,7 @@ struct ResultRecord<'a> {
     event_id: &'a str,
     action_id: Option<&'a str>,
     profile_id: Option<&'a str>,
-    journey: Option<&'a Map<String, Value>>,
+    journey: Option<&'a Object>,
     outcome: String,
     status: Option<u16>,
     attempts: u32,

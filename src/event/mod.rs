@@ -8,6 +8,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+mod object;
+pub use object::Object;
+
 /// A valid action event.
 #[derive(Debug, Clone, Serialize)]
 pub struct ActionEvent {
@@ -15,10 +18,10 @@ pub struct ActionEvent {
     pub action_id: String,
     pub profile_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub journey: Option<Map<String, Value>>,
-    pub params: Map<String, Value>,
+    pub journey: Option<Object>,
+    pub params: Object,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub context: Option<Map<String, Value>>,
+    pub context: Option<Object>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emitted_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,7 +39,7 @@ pub struct InvalidEvent {
     pub event_id: Option<String>,
     pub action_id: Option<String>,
     pub profile_id: Option<String>,
-    pub journey: Option<Map<String, Value>>,
+    pub journey: Option<Object>,
 }
 
 impl ActionEvent {
@@ -145,9 +148,9 @@ struct Typed {
     event_id: String,
     action_id: String,
     profile_id: String,
-    journey: Option<Map<String, Value>>,
-    params: Option<Map<String, Value>>,
-    context: Option<Map<String, Value>>,
+    journey: Option<Object>,
+    params: Option<Object>,
+    context: Option<Object>,
     emitted_at: Option<String>,
     expires_at: Option<String>,
 }
@@ -207,13 +210,10 @@ fn take_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<Strin
     }
 }
 
-fn take_object(
-    map: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, String> {
+fn take_object(map: &mut Map<String, Value>, field: &str) -> Result<Option<Object>, String> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(Value::Object(o)) => Ok(Some(Object::from(o))),
         Some(other) => Err(format!("{field} must be an object, not {}", kind(&other))),
     }
 }
@@ -256,7 +256,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(e.event_id, "e1");
-        assert_eq!(e.params["x"], 1);
+        assert_eq!(e.params.get("x"), Some(&json!(1)));
         assert_eq!(
             e.deadline.unwrap().to_rfc3339(),
             "2026-11-23T16:00:00+00:00"
@@ -314,7 +314,11 @@ mod tests {
                 .unwrap()
                 .extend(bad.as_object().unwrap().clone());
             let invalid = ActionEvent::from_value(event).unwrap_err();
-            assert_eq!(invalid.journey.unwrap()["id"], "j", "{bad}");
+            assert_eq!(
+                invalid.journey.unwrap().get("id"),
+                Some(&json!("j")),
+                "{bad}"
+            );
         }
     }
 
