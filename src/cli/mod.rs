@@ -57,6 +57,12 @@ pub enum Command {
     /// The embedded default: in-process Kafka (librdkafka mock cluster) and mock providers, the example actions, sample events through the real worker; prints a summary
     Demo(DemoArgs),
     /// Measure throughput, latency, memory and CPU against this machine's HTTP and Kafka limits, in one run
+    ///
+    /// Starts an HTTP sink in a process of its own, sends it uncounted warm-up calls, then runs on
+    /// the same events: the end-to-end worker (events/s, latency, peak RSS, CPU), limit B (Kafka
+    /// consume alone), the Kafka round trip, and limit A (the worker's HTTP client alone, at the
+    /// same concurrency). Prints a table and the ratio end-to-end / min(A, B); `--json FILE` writes
+    /// the same figures. See BENCHMARKS.md.
     Bench(BenchArgs),
     /// The benchmark's HTTP sink (started by `bench` in a process of its own)
     #[command(hide = true)]
