@@ -71,21 +71,42 @@ impl Scope for Value {
 /// Why the shortcut gave up: the engine must evaluate the leaf.
 pub struct Unsure;
 
+/// What a planned path gives for one event, borrowed from the event (or
+/// from the plan's default), before any conversion to a template value.
+#[derive(Debug)]
+pub enum Looked<'a> {
+    /// Any JSON value but `null`.
+    Json(&'a serde_json::Value),
+    Str(&'a str),
+    /// `none`.
+    None,
+}
+
 impl Lookup {
-    /// The value (`None` for `none`).
-    pub fn eval<S: Scope + ?Sized>(&self, scope: &S) -> Result<Option<Value>, Unsure> {
+    /// What the path gives, the default applied.
+    pub fn look<'a, S: Scope + ?Sized>(&'a self, scope: &'a S) -> Result<Looked<'a>, Unsure> {
         let found = match scope.find(&self.path) {
             Found::Json(serde_json::Value::Null) | Found::None => None,
-            Found::Json(v) => Some(Value::from_serialize(v)),
-            Found::Str(s) => Some(Value::from(s)),
+            Found::Json(v) => Some(Looked::Json(v)),
+            Found::Str(s) => Some(Looked::Str(s)),
             Found::Missing if self.default.is_some() => None,
             Found::Missing | Found::Unknown => return Err(Unsure),
         };
         // Our `default` replaces undefined and none alike (see Templates::new).
-        match (found, &self.default) {
-            (None, Some(text)) => Ok(Some(Value::from(text.as_str()))),
-            (found, _) => Ok(found),
-        }
+        Ok(match (found, &self.default) {
+            (Some(found), _) => found,
+            (None, Some(text)) => Looked::Str(text),
+            (None, None) => Looked::None,
+        })
+    }
+
+    /// The value (`None` for `none`).
+    pub fn eval<S: Scope + ?Sized>(&self, scope: &S) -> Result<Option<Value>, Unsure> {
+        Ok(match self.look(scope)? {
+            Looked::Json(v) => Some(Value::from_serialize(v)),
+            Looked::Str(s) => Some(Value::from(s)),
+            Looked::None => None,
+        })
     }
 }
 

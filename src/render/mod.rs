@@ -24,7 +24,7 @@ use url::Url;
 use crate::action::secret::{self, Part};
 use crate::event::{ActionEvent, Object};
 use fast::Found;
-pub use template::{EvalError as RenderError, Leaf, Templates};
+pub use template::{EvalError as RenderError, Json, Leaf, Templates};
 
 /// What an optional parameter that the event does not carry becomes in a
 /// single-expression leaf.
@@ -315,20 +315,14 @@ impl RequestTemplate {
     ) -> Result<bool, RenderError> {
         match node {
             Node::Const(bytes) => buf.extend_from_slice(bytes),
-            Node::Leaf(leaf) => {
-                let value = match leaf {
-                    Leaf::Text(..) => self.templates.text(leaf, ctx)?.map(Value::from),
-                    _ => self.templates.eval(leaf, ctx)?,
-                };
-                match value {
-                    None if self.null_values == NullValues::Omit => return Ok(false),
-                    None => buf.extend_from_slice(b"null"),
-                    Some(v) => serde_json::to_writer(&mut *buf, &v).map_err(|e| RenderError {
-                        field: leaf.name().unwrap_or("payload").to_string(),
-                        message: format!("the value cannot be written as JSON: {e}"),
-                    })?,
-                }
-            }
+            Node::Leaf(leaf) => match self.templates.json(leaf, ctx)? {
+                Json::None if self.null_values == NullValues::Omit => return Ok(false),
+                Json::None => buf.extend_from_slice(b"null"),
+                value => serde_json::to_writer(&mut *buf, &value).map_err(|e| RenderError {
+                    field: leaf.name().unwrap_or("payload").to_string(),
+                    message: format!("the value cannot be written as JSON: {e}"),
+                })?,
+            },
             Node::Array(items) => {
                 buf.push(b'[');
                 let mut first = true;
@@ -862,6 +856,12 @@ mod tests {
                         json(&engine_value),
                         "{name} `{source}`"
                     );
+                    // A payload leaf is written from the event as it came.
+                    let written = match templates.json(&leaf, &scope).unwrap() {
+                        Json::None => None,
+                        value => Some(serde_json::to_string(&value).unwrap()),
+                    };
+                    assert_eq!(written, json(&engine_value), "{name} `{source}`");
                     let shortcut_text = templates.text(&leaf, &scope).unwrap();
                     assert_eq!(shortcut_text, engine_text.unwrap(), "{name} `{source}`");
                 }

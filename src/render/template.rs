@@ -7,14 +7,16 @@
 //! mode); missing optional parameters are `none`, which prints as an empty
 //! string and which `default(...)` replaces.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Serialize, Serializer};
 
-use super::fast::{self, Lookup, Scope, TextPlan};
+use super::fast::{self, Looked, Lookup, Scope, TextPlan, Unsure};
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included,
 /// so one expression always stays one path segment.
@@ -50,6 +52,30 @@ impl Leaf {
         match self {
             Leaf::Const(_) => None,
             Leaf::Expr(n, _) | Leaf::Text(n, _) => Some(n),
+        }
+    }
+}
+
+/// A leaf's value for a JSON payload (see [`Templates::json`]).
+#[derive(Debug)]
+pub enum Json<'a> {
+    /// A value of the event, not `null`.
+    Event(&'a serde_json::Value),
+    /// A string.
+    Text(Cow<'a, str>),
+    /// What the template engine evaluated.
+    Engine(Value),
+    /// `none`.
+    None,
+}
+
+impl Serialize for Json<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Event(v) => v.serialize(s),
+            Json::Text(t) => s.serialize_str(t),
+            Json::Engine(v) => v.serialize(s),
+            Json::None => s.serialize_unit(),
         }
     }
 }
@@ -217,6 +243,33 @@ impl Templates {
             }
             Leaf::Text(name, fast) => Ok(Some(Value::from(self.text_of(name, fast, scope)?))),
         }
+    }
+
+    /// A leaf's value for a JSON payload: borrowed from the event when the
+    /// shortcut finds it there, so that it is written as it came, with no
+    /// template value made of it (the same JSON: a test holds the two to it).
+    pub fn json<'a, S: Scope + ?Sized>(
+        &'a self,
+        leaf: &'a Leaf,
+        scope: &'a S,
+    ) -> Result<Json<'a>, EvalError> {
+        let looked = match leaf {
+            Leaf::Const(s) => return Ok(Json::Text(Cow::Borrowed(s))),
+            Leaf::Text(name, fast) => {
+                return Ok(Json::Text(Cow::Owned(self.text_of(name, fast, scope)?)))
+            }
+            Leaf::Expr(_, Some(lookup)) => lookup.look(scope),
+            Leaf::Expr(_, None) => Err(Unsure),
+        };
+        Ok(match looked {
+            Ok(Looked::Json(v)) => Json::Event(v),
+            Ok(Looked::Str(s)) => Json::Text(Cow::Borrowed(s)),
+            Ok(Looked::None) => Json::None,
+            Err(Unsure) => match self.eval(leaf, scope)? {
+                Some(v) => Json::Engine(v),
+                None => Json::None,
+            },
+        })
     }
 
     /// Renders a leaf to text; `Ok(None)` means a single expression was `none`.
