@@ -190,8 +190,8 @@ pub struct Report {
     /// `rate` is half of its events/s.
     pub full_speed: Option<EndToEnd>,
     pub bulkhead: Option<u32>,
-    /// Calls sent to the sink before the first phase, not counted (see
-    /// [`warm_up_calls`]).
+    /// Calls sent to the sink before the first phase, not counted: two per
+    /// call the worker can make at once, at most one per event.
     pub warm_up_calls: usize,
     /// Connections the sink accepted during the warm-up.
     pub warm_up_connections: usize,
@@ -576,8 +576,9 @@ async fn http_limit(
     concurrency: usize,
     sink: &mut SinkProcess,
 ) -> anyhow::Result<(Limit, f64)> {
+    let dispatcher = Dispatcher::new(actions, options)?;
     let rendering = Instant::now();
-    let requests = Calls::prepare(actions, options, events)?;
+    let requests = Calls::prepare(&dispatcher, events)?;
     let parse_render_us = rendering.elapsed().as_secs_f64() * 1e6 / events.len().max(1) as f64;
     let total = events.len();
     let connections_before = sink.connections()?;
@@ -614,30 +615,48 @@ async fn warm_up(
             .enable_all()
             .build()?;
         let sent = runtime.block_on(async {
-            let requests = Calls::prepare(actions, options, &events)?;
-            requests.send(calls, concurrency).await?;
-            anyhow::Ok(())
+            let dispatcher = Dispatcher::new(actions, options)?;
+            let requests = Calls::prepare(&dispatcher, &events)?;
+            tokio::time::timeout(WARM_UP_LIMIT, requests.send(calls, concurrency))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("the sink answered no warm-up call for {WARM_UP_LIMIT:?}")
+                })?
         });
-        drop(runtime);
-        // SAFETY: mi_collect has no preconditions; it only returns memory
-        // that nothing uses any more to the system.
+        drop((runtime, events));
+        // SAFETY: mi_collect has no preconditions; it returns to the system
+        // the memory this thread's heap no longer uses (the warm-up's, all
+        // of it allocated here, freed when its runtime was dropped).
         unsafe { libmimalloc_sys::mi_collect(true) };
-        sent
+        sent.map(drop).context("warm-up calls to the sink")
     });
     tokio::task::spawn_blocking(move || thread.join())
         .await?
-        .map_err(|_| anyhow::anyhow!("the warm-up panicked"))?
+        .map_err(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            anyhow::anyhow!("the warm-up panicked: {why}")
+        })?
 }
 
-/// The warm-up's concurrency: as many calls at once as the worker will make
-/// (`--concurrency`, or `--max-concurrency` when lower).
+/// The warm-up gives up after this long (two rounds of calls even to a
+/// slow sink take seconds).
+const WARM_UP_LIMIT: Duration = Duration::from_secs(120);
+
+/// The warm-up's concurrency: at most as many calls at once as the worker
+/// can make (`--concurrency`, or `--max-concurrency` when lower). The worker
+/// may make fewer (few keys with ordering `key`; over HTTP/2 its calls share
+/// connections).
 fn warm_up_concurrency(o: &BenchOptions) -> usize {
     o.bulkhead
         .map_or(o.concurrency, |b| o.concurrency.min(b as usize))
         .max(1)
 }
 
-/// Two calls per connection of the warm-up, at most one per event.
+/// Two calls per call at once of the warm-up, at most one per event.
 fn warm_up_calls(o: &BenchOptions) -> usize {
     (2 * warm_up_concurrency(o)).min(o.events)
 }
@@ -646,14 +665,9 @@ fn warm_up_calls(o: &BenchOptions) -> usize {
 struct Calls(Arc<Vec<(reqwest::Client, crate::render::RenderedRequest)>>);
 
 impl Calls {
-    fn prepare(
-        actions: Arc<ActionSet>,
-        options: DispatchOptions,
-        events: &[(String, Vec<u8>)],
-    ) -> anyhow::Result<Calls> {
-        // The worker's own choice of client for each action: the action's own
-        // when it has TLS material (the sink's CA), else a shared one.
-        let dispatcher = Dispatcher::new(actions, options)?;
+    /// The worker's own choice of client for each action: the action's own
+    /// when it has TLS material (the sink's CA), else a shared one.
+    fn prepare(dispatcher: &Dispatcher, events: &[(String, Vec<u8>)]) -> anyhow::Result<Calls> {
         let requests: Vec<_> = events
             .iter()
             .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
@@ -691,7 +705,8 @@ impl Calls {
                     // The connection goes back to the pool a moment after
                     // the answer is read; a call sent at once finds none
                     // idle and opens another (limit A opened 1 257–1 848
-                    // connections for 1 024 calls at once, the worker ~1 000).
+                    // connections for 1 024 calls at once, the worker's
+                    // end-to-end phase 724–1 315).
                     tokio::task::yield_now().await;
                     *answered.entry(version).or_default() += 1;
                 }
@@ -866,19 +881,32 @@ async fn end_to_end(
     }
     // The events are there already: CPU is counted from the first one read,
     // as the events/s are (the fetches that start the partitions are left
-    // out of both).
-    if rate.is_none() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while metrics.events_consumed.get() == 0 {
-            if task.is_finished() || Instant::now() > deadline {
+    // out of both). Watched from a thread of its own, polling every 0.1 ms,
+    // which the worker's busy runtime threads cannot hold up.
+    let sink_pid = sink.pid();
+    let before = if rate.is_none() {
+        let watched = metrics.clone();
+        let first_read = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while watched.events_consumed.get() == 0 {
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Some(Snapshot::take(sink_pid))
+        });
+        match first_read.await? {
+            Some(snapshot) => snapshot,
+            None => {
                 stop.cancel();
                 task.await??;
                 anyhow::bail!("end-to-end: the worker read no event in 60 s");
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    }
-    let before = Snapshot::take(sink.pid());
+    } else {
+        Snapshot::take(sink_pid)
+    };
     let mut producing = None;
     if let Some(rate) = rate {
         let (brokers, topic, events) = (
@@ -1401,6 +1429,29 @@ mod tests {
             partitions,
             bulkhead: None,
             json: None,
+        }
+    }
+
+    #[test]
+    fn the_warm_up_makes_two_calls_per_call_the_worker_can_make_at_once() {
+        // (--concurrency, --max-concurrency, --events, warm-up calls)
+        for (concurrency, bulkhead, events, calls) in [
+            (1024, None, 10_000, 2048),
+            (64, None, 100, 100),
+            (10_000, Some(256), 10_000, 512),
+            (100, Some(500), 10_000, 200),
+        ] {
+            let o = BenchOptions {
+                concurrency,
+                bulkhead,
+                events,
+                ..options(6)
+            };
+            assert_eq!(
+                warm_up_calls(&o),
+                calls,
+                "{concurrency} {bulkhead:?} {events}"
+            );
         }
     }
 

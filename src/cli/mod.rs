@@ -34,7 +34,7 @@ from the event and calls the provider with throttling, capping, timeouts and ret
 Configuration: DIR/default.toml, then DIR/local.toml, then JOURNEY_ACTIONS__SECTION__KEY variables."
 )]
 pub struct Cli {
-    /// Configuration directory (default.toml, local.toml, and actions/ unless [actions] dir says otherwise)
+    /// Configuration directory (default.toml, local.toml, and actions/ unless `[actions] dir` says otherwise)
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Log line format on stderr

@@ -277,7 +277,7 @@ fn print_summary(t: &Tally, total: usize, elapsed: Duration) {
 
 /// The embedded examples, rewritten to call the mock provider at `base`
 /// (`https://HOST/path` → `{base}/HOST/path`), each keeping its own limits
-/// key, with rates raised by [`RATE_FACTOR`].
+/// key, with rates raised by `RATE_FACTOR`.
 pub fn demo_actions(dir: &Path, base: &str) -> anyhow::Result<ActionSet> {
     example_actions(dir, base, Some(RATE_FACTOR), None)
 }

@@ -4,8 +4,12 @@
 //! An event's objects are small and read a handful of times (the params
 //! check, the template's paths, the result record), so a list searched in
 //! order costs less to build and to search than a hash table of the same
-//! entries: no hashing of every key, one allocation instead of two.
-//! Nested values stay `serde_json::Value`s.
+//! entries: no key is hashed, and there is no table to allocate beside the
+//! entries. Nested values stay `serde_json::Value`s.
+//!
+//! A big object costs more to search: each key looked up (a declared
+//! parameter, a template path) is compared with every entry before it, so a
+//! `params` of 10 000 entries costs up to 10 000 comparisons per path.
 
 use std::fmt;
 
@@ -17,7 +21,7 @@ use serde_json::{Map, Value};
 /// A JSON object, its entries in the order the event gave them. A key
 /// given twice keeps its first place and its last value, as `serde_json`'s
 /// order-preserving map does.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Object(Vec<(String, Value)>);
 
 /// Up to this many entries, a repeated key is looked for among those
