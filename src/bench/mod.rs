@@ -1271,9 +1271,11 @@ pub fn table(r: &Report) -> String {
             out.push_str(&format!("{client} settings: {}\n", list.join(" ")));
         }
     }
+    let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     out.push_str(&format!(
-        "warm-up: {} calls to the sink over {} connections before the first phase, not counted\n\n",
-        r.warm_up_calls, r.warm_up_connections
+        "warm-up: {} to the sink over {} before the first phase, not counted\n\n",
+        counted(r.warm_up_calls, "call"),
+        counted(r.warm_up_connections, "connection")
     ));
     out.push_str(&format!(
         "{:<28}{:>12}   {:>24}{:>8}   {}\n",
