@@ -656,7 +656,7 @@ fn warm_up_concurrency(o: &BenchOptions) -> usize {
         .max(1)
 }
 
-/// Two calls per call at once of the warm-up, at most one per event.
+/// Two calls for each call the warm-up makes at once, at most one per event.
 fn warm_up_calls(o: &BenchOptions) -> usize {
     (2 * warm_up_concurrency(o)).min(o.events)
 }
@@ -665,8 +665,9 @@ fn warm_up_calls(o: &BenchOptions) -> usize {
 struct Calls(Arc<Vec<(reqwest::Client, crate::render::RenderedRequest)>>);
 
 impl Calls {
-    /// The worker's own choice of client for each action: the action's own
-    /// when it has TLS material (the sink's CA), else a shared one.
+    /// The events parsed and rendered, each request with the client the
+    /// worker chooses for its action: the action's own when it has TLS
+    /// material (the sink's CA), else the shared one.
     fn prepare(dispatcher: &Dispatcher, events: &[(String, Vec<u8>)]) -> anyhow::Result<Calls> {
         let requests: Vec<_> = events
             .iter()
