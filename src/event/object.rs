@@ -46,7 +46,7 @@ impl Object {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.into_iter()
     }
 
     fn from_entries(mut entries: Vec<(String, Value)>) -> Object {

@@ -16,7 +16,7 @@ use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Serialize, Serializer};
 
-use super::fast::{self, Looked, Lookup, Scope, TextPlan, Unsure};
+use super::fast::{self, Looked, Lookup, Scope, TextPlan};
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included,
 /// so one expression always stays one path segment.
@@ -218,29 +218,10 @@ impl Templates {
     ) -> Result<Option<Value>, EvalError> {
         match leaf {
             Leaf::Const(s) => Ok(Some(Value::from(s.as_str()))),
-            Leaf::Expr(name, fast) => {
-                if let Some(lookup) = fast {
-                    if let Ok(value) = lookup.eval(scope) {
-                        return Ok(value);
-                    }
-                }
-                let template = self.template(name)?;
-                let captured = template
-                    .render_captured(scope.context())
-                    .map_err(|e| eval_error(name, &e))?;
-                match captured.state().lookup(RESULT_VAR) {
-                    Some(v) if v.is_undefined() => Err(EvalError {
-                        field: name.clone(),
-                        message: "the expression is undefined for this event".into(),
-                    }),
-                    Some(v) if v.is_none() => Ok(None),
-                    Some(v) => Ok(Some(v)),
-                    None => Err(EvalError {
-                        field: name.clone(),
-                        message: "the expression produced no value".into(),
-                    }),
-                }
-            }
+            Leaf::Expr(name, fast) => match fast.as_ref().map(|lookup| lookup.eval(scope)) {
+                Some(Ok(value)) => Ok(value),
+                _ => self.expression(name, scope.context()),
+            },
             Leaf::Text(name, fast) => Ok(Some(Value::from(self.text_of(name, fast, scope)?))),
         }
     }
@@ -253,23 +234,39 @@ impl Templates {
         leaf: &'a Leaf,
         scope: &'a S,
     ) -> Result<Json<'a>, EvalError> {
-        let looked = match leaf {
-            Leaf::Const(s) => return Ok(Json::Text(Cow::Borrowed(s))),
-            Leaf::Text(name, fast) => {
-                return Ok(Json::Text(Cow::Owned(self.text_of(name, fast, scope)?)))
-            }
-            Leaf::Expr(_, Some(lookup)) => lookup.look(scope),
-            Leaf::Expr(_, None) => Err(Unsure),
-        };
-        Ok(match looked {
-            Ok(Looked::Json(v)) => Json::Event(v),
-            Ok(Looked::Str(s)) => Json::Text(Cow::Borrowed(s)),
-            Ok(Looked::None) => Json::None,
-            Err(Unsure) => match self.eval(leaf, scope)? {
-                Some(v) => Json::Engine(v),
-                None => Json::None,
+        Ok(match leaf {
+            Leaf::Const(s) => Json::Text(Cow::Borrowed(s)),
+            Leaf::Text(name, fast) => Json::Text(Cow::Owned(self.text_of(name, fast, scope)?)),
+            Leaf::Expr(name, fast) => match fast.as_ref().map(|lookup| lookup.look(scope)) {
+                Some(Ok(Looked::Json(v))) => Json::Event(v),
+                Some(Ok(Looked::Str(s))) => Json::Text(Cow::Borrowed(s)),
+                Some(Ok(Looked::None)) => Json::None,
+                _ => self
+                    .expression(name, scope.context())?
+                    .map_or(Json::None, Json::Engine),
             },
         })
+    }
+
+    /// A single-expression leaf evaluated by the engine; `Ok(None)` means
+    /// `none`.
+    fn expression(&self, name: &str, ctx: &Value) -> Result<Option<Value>, EvalError> {
+        let captured = self
+            .template(name)?
+            .render_captured(ctx)
+            .map_err(|e| eval_error(name, &e))?;
+        match captured.state().lookup(RESULT_VAR) {
+            Some(v) if v.is_undefined() => Err(EvalError {
+                field: name.to_string(),
+                message: "the expression is undefined for this event".into(),
+            }),
+            Some(v) if v.is_none() => Ok(None),
+            Some(v) => Ok(Some(v)),
+            None => Err(EvalError {
+                field: name.to_string(),
+                message: "the expression produced no value".into(),
+            }),
+        }
     }
 
     /// Renders a leaf to text; `Ok(None)` means a single expression was `none`.
