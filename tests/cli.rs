@@ -889,3 +889,20 @@ fn bench_refuses_a_config_that_is_not_a_directory() {
         "--config /nonexistent/journey-actions: not a directory",
     );
 }
+
+#[test]
+fn bench_refuses_a_json_path_it_cannot_write_before_running() {
+    let run = run(&[
+        "bench",
+        "--json",
+        "/nonexistent/journey-actions/bench.json",
+        "--events",
+        "10",
+    ]);
+    // One line: nothing ran (no progress lines, no table).
+    assert_fails_with(
+        &run,
+        "--json /nonexistent/journey-actions/bench.json: /nonexistent/journey-actions is not a directory",
+    );
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+}

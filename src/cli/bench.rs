@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use super::BenchArgs;
 use crate::bench::{self, BenchOptions};
 use crate::settings::Settings;
@@ -38,10 +40,29 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         json: args.json.clone(),
     };
     anyhow::ensure!(options.events > 0, "--events must be at least 1");
+    if let Some(path) = &options.json {
+        writable(path).with_context(|| format!("--json {}", path.display()))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let report = runtime.block_on(bench::run(options))?;
     print!("{}", bench::table(&report));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fails now, rather than after the whole run, when `--json` names a file
+/// that cannot be written: an existing file is opened for writing (and left
+/// as it is), a new one needs its directory.
+fn writable(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::OpenOptions::new().append(true).open(path)?;
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    Ok(())
 }
