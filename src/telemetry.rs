@@ -29,11 +29,11 @@ pub fn init(format: LogFormat, verbosity: i8) {
     };
 }
 
-use std::collections::HashMap;
 use std::fmt::Display;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
+use foldhash::HashMap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -78,7 +78,7 @@ struct Series<T> {
 impl<T> Series<T> {
     fn new() -> Series<T> {
         Series {
-            by_label: ArcSwap::from_pointee(HashMap::new()),
+            by_label: ArcSwap::from_pointee(HashMap::default()),
         }
     }
 

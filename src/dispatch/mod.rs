@@ -11,14 +11,13 @@ pub mod limits;
 pub mod outcome;
 pub mod retry;
 
-use std::collections::HashMap;
-
-use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use foldhash::HashMap;
 use reqwest::header::{HeaderMap, HeaderName, RETRY_AFTER};
 use reqwest::{Client, Request, StatusCode};
 use serde_json::Value;

@@ -4,10 +4,10 @@
 //! the partition table they share with the consume loop is a plain mutex that
 //! is never held across an `.await`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use foldhash::HashMap;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
@@ -44,7 +44,7 @@ impl Shared {
     pub fn new(topic: String, ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Shared {
         Shared {
             topic,
-            partitions: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::default()),
             next_epoch: AtomicU64::new(1),
             ready,
             assigned: AtomicBool::new(false),

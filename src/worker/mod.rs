@@ -21,7 +21,9 @@ pub mod context;
 pub mod offsets;
 pub mod records;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -293,9 +295,9 @@ impl Worker {
             shared: shared.clone(),
             jobs,
             ordering: dispatch.ordering,
-            chains: HashMap::new(),
-            queued: HashMap::new(),
-            held_back: HashSet::new(),
+            chains: HashMap::default(),
+            queued: HashMap::default(),
+            held_back: HashSet::default(),
             assigned: 0,
             in_flight: 0,
             delivering: 0,

@@ -76,8 +76,15 @@ pub fn result_value(who: &Identity, outcome: &Outcome, duration_ms: f64) -> Opti
         error: outcome.error.as_deref(),
         completed_at: rfc3339(outcome.completed_at),
     };
-    serde_json::to_vec(&record).ok()
+    // Most records fit: no growth and copy on the way (serde_json's own
+    // to_vec starts at 128 bytes).
+    let mut value = Vec::with_capacity(RESULT_CAPACITY);
+    serde_json::to_writer(&mut value, &record).ok()?;
+    Some(value)
 }
+
+/// Room reserved for a result record's JSON.
+const RESULT_CAPACITY: usize = 512;
 
 /// Where a record came from.
 #[derive(Debug, Clone, Copy)]
