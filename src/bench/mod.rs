@@ -15,7 +15,7 @@ pub mod sink;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -869,7 +869,17 @@ async fn end_to_end(
     let ready = worker.ready_flag();
     let stop = CancellationToken::new();
     reset_peak_rss();
-    let task = tokio::spawn(worker.run(stop.clone()));
+    // Set when the worker's task ends, for the watcher thread below, which
+    // cannot poll the task's handle.
+    let ended = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (ended, stop) = (ended.clone(), stop.clone());
+        tokio::spawn(async move {
+            let result = worker.run(stop).await;
+            ended.store(true, AtomicOrdering::Relaxed);
+            result
+        })
+    };
     // Nothing is counted before the group join: until then, the worker waits.
     let join_deadline = Instant::now() + Duration::from_secs(60);
     while !ready.load(AtomicOrdering::Relaxed) {
@@ -890,7 +900,7 @@ async fn end_to_end(
         let first_read = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while watched.events_consumed.get() == 0 {
-                if Instant::now() > deadline {
+                if Instant::now() > deadline || ended.load(AtomicOrdering::Relaxed) {
                     return None;
                 }
                 std::thread::sleep(Duration::from_micros(100));
@@ -902,7 +912,7 @@ async fn end_to_end(
             None => {
                 stop.cancel();
                 task.await??;
-                anyhow::bail!("end-to-end: the worker read no event in 60 s");
+                anyhow::bail!("end-to-end: the worker read no event in 60 s, or stopped first");
             }
         }
     } else {
@@ -926,6 +936,11 @@ async fn end_to_end(
         let done = finished.lock().map(|v| v.len()).unwrap_or(0);
         if done >= total {
             break;
+        }
+        if task.is_finished() {
+            stop.cancel();
+            task.await??;
+            anyhow::bail!("end-to-end: the worker stopped with {done} of {total} events final");
         }
         if let Some(producer) = producing.take_if(|p| p.is_finished()) {
             if let Err(e) = producer.await.map_err(anyhow::Error::from).and_then(|r| r) {
