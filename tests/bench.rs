@@ -258,3 +258,84 @@ fn a_rate_leaves_the_first_second_out_of_the_latency_figures() {
         "{stdout}"
     );
 }
+
+#[test]
+fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_journey-actions"))
+        .args(["bench", "--events", "300", "--keys", "30"])
+        .args(["--concurrency", "32", "--hold"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run bench");
+    let mut held = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let line = line.expect("stdout is text");
+        let last = line.starts_with("Ctrl-C");
+        if line.starts_with("held:") || !held.is_empty() {
+            held.push(line);
+        }
+        if last {
+            break;
+        }
+    }
+    let field = |prefix: &str| {
+        held.iter()
+            .find_map(|l| l.trim_start().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {held:#?}"))
+            .to_string()
+    };
+    let brokers = field("held: brokers ");
+    let topics = field("topics: ");
+    let input = topics.split_whitespace().next().expect("a topic");
+    assert!(
+        topics.starts_with(&format!("{input} (300 events)")),
+        "{topics}"
+    );
+    let sink = field("sink: ");
+    let sink = sink.split_whitespace().next().expect("a URL").to_string();
+
+    // The run's events are still there, for another consumer.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "hold-test")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[input]).expect("subscribe");
+    let (mut read, deadline) = (0, Instant::now() + Duration::from_secs(30));
+    while read < 300 && Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            read += 1;
+        }
+    }
+    assert_eq!(read, 300, "records read back from {input} at {brokers}");
+    drop(consumer);
+
+    // And the sink answers.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("{sink}/v1/acme/messages");
+    let status = runtime
+        .block_on(reqwest::Client::new().post(&url).body("{}").send())
+        .expect("the sink answers")
+        .status();
+    assert_eq!(status, 200, "{url}");
+
+    // SIGTERM ends the hold, and takes the sink down with it.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("bench exits");
+    assert!(status.success(), "{status}");
+    let after = runtime.block_on(reqwest::Client::new().post(&url).body("{}").send());
+    assert!(after.is_err(), "the sink is still up: {after:?}");
+}

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::Serialize;
 use serde_json::json;
@@ -92,6 +92,18 @@ pub struct BenchOptions {
     /// held without an HTTP connection.
     pub bulkhead: Option<u32>,
     pub json: Option<PathBuf>,
+    /// Return the mock cluster and the sink ([`Held`]) instead of stopping them.
+    pub hold: bool,
+}
+
+/// What `--hold` keeps up after the run: the mock cluster with the run's
+/// topics, the sink and the bench's actions. Stopped when dropped.
+pub struct Held {
+    _cluster: Option<MockCluster<'static, DefaultProducerContext>>,
+    _sink: Option<SinkProcess>,
+    _workdir: tempfile::TempDir,
+    /// The brokers, the topics with their record counts, and the sink's URL.
+    pub description: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,7 +232,7 @@ pub struct Report {
     pub cpu_bound_ratio: Option<f64>,
 }
 
-pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
+pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)> {
     let o = &options;
     let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S%3f").to_string();
     let mut settings = o.settings.clone();
@@ -236,7 +248,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         &settings.kafka.dlq_topic,
         &rate_topic,
     ];
-    let _cluster = match &o.brokers {
+    let cluster = match &o.brokers {
         None => {
             let cluster =
                 MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
@@ -381,7 +393,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             );
         }
     }
-    drop(sink);
+    // Stopped here unless --hold keeps it.
+    let sink = o.hold.then_some(sink);
 
     let cpu_bound_ratio = cpu_bound_ratio(&limit_http, full_speed.as_ref().unwrap_or(&end_to_end));
     let necessary_work_ratio =
@@ -417,7 +430,37 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(report)
+    let held = o.hold.then(|| {
+        let description = held_description(&settings, &rate_topic, &report, &base);
+        Held {
+            _cluster: cluster,
+            _sink: sink,
+            _workdir: workdir,
+            description,
+        }
+    });
+    Ok((report, held))
+}
+
+/// What `--hold` prints: where the topics and the sink are, and what the
+/// topics hold.
+fn held_description(settings: &Settings, rate_topic: &str, report: &Report, sink: &str) -> String {
+    let kafka = &settings.kafka;
+    let mut topics = vec![
+        format!("{} ({} events)", kafka.input_topic, report.events),
+        format!("{} (the worker's result records)", kafka.results_topic),
+    ];
+    if report.rate.is_some() {
+        topics.push(format!("{rate_topic} (the events produced at --rate)"));
+    }
+    format!(
+        "held: brokers {}\n  topics: {}\n  sink: {sink} (the simple action POSTs to /v1/acme/messages)\n  \
+         e.g. kcat -C -b {} -t {} -o beginning -e -q -f '%o\\n' | wc -l\nCtrl-C or SIGTERM stops them.\n",
+        kafka.brokers,
+        topics.join(", "),
+        kafka.brokers,
+        kafka.input_topic,
+    )
 }
 
 /// See [`Report::necessary_work_ratio`].
@@ -1447,6 +1490,7 @@ mod tests {
             partitions,
             bulkhead: None,
             json: None,
+            hold: false,
         }
     }
 

@@ -38,6 +38,7 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         partitions: args.partitions.max(1),
         bulkhead: args.max_concurrency,
         json: args.json.clone(),
+        hold: args.hold,
     };
     anyhow::ensure!(options.events > 0, "--events must be at least 1");
     if let Some(path) = &options.json {
@@ -46,8 +47,16 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(bench::run(options))?;
+    let (report, held) = runtime.block_on(bench::run(options))?;
     print!("{}", bench::table(&report));
+    if let Some(held) = held {
+        use std::io::Write;
+        print!("{}", held.description);
+        std::io::stdout().flush()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        runtime.block_on(super::run::stop_on_signal(stop.clone()));
+        drop(held);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -134,6 +134,12 @@ pub struct BenchArgs {
     /// Also write the figures as JSON
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// After the run, keep the in-process mock cluster (with the run's topics
+    /// and their records) and the sink up, print their addresses, and wait
+    /// for Ctrl-C or SIGTERM: to point kcat or an HTTP load generator at the
+    /// same topic and sink
+    #[arg(long)]
+    pub hold: bool,
 }
 
 #[derive(Debug, Args)]
