@@ -218,6 +218,36 @@ fn the_sink_speaks_http2_over_tls_to_every_example_action() {
 }
 
 #[test]
+fn an_http2_provider_gets_one_connection_per_client_at_a_cold_start() {
+    // Each phase starts with clients that hold no connection. Without the
+    // cold-start rule every call that found none opened its own TLS
+    // connection until one had negotiated h2 (258–494 per phase here).
+    let (stdout, report) = bench(&[
+        "--events",
+        "2000",
+        "--concurrency",
+        "256",
+        "--sink-protocol",
+        "h2",
+    ]);
+    assert_eq!(number(&report, "warm_up_connections"), 1.0, "{stdout}");
+    assert_eq!(
+        number(&report, "end_to_end.sink_connections"),
+        1.0,
+        "{stdout}"
+    );
+    assert_eq!(
+        number(&report, "limit_http.sink_connections"),
+        1.0,
+        "{stdout}"
+    );
+    assert_eq!(
+        report["limit_http"]["http_versions"],
+        serde_json::json!({ "HTTP/2.0": 2000 })
+    );
+}
+
+#[test]
 fn the_sink_speaks_http1_over_tls() {
     let (_, report) = bench(&[
         "--events",

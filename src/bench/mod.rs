@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::action::{self, ActionSet};
-use crate::dispatch::{DispatchOptions, Dispatcher, OutcomeCode};
+use crate::dispatch::{pool_id, ColdStart, DispatchOptions, Dispatcher, OutcomeCode};
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
@@ -704,8 +704,13 @@ fn warm_up_calls(o: &BenchOptions) -> usize {
     (2 * warm_up_concurrency(o)).min(o.events)
 }
 
-/// Rendered requests, each with the client the worker would send it with.
-struct Calls(Arc<Vec<(reqwest::Client, crate::render::RenderedRequest)>>);
+/// Rendered requests, each with the client the worker would send it with
+/// (and that client's pool, for the worker's cold-start rule, which limit A
+/// follows too: see [`ColdStart`]).
+struct Calls {
+    requests: Arc<Vec<(reqwest::Client, usize, crate::render::RenderedRequest)>>,
+    cold_start: Arc<ColdStart>,
+}
 
 impl Calls {
     /// The events parsed and rendered, each request with the client the
@@ -717,11 +722,15 @@ impl Calls {
             .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
             .filter_map(|e| {
                 let (def, request) = dispatcher.prepare(&e).ok()?;
-                Some((dispatcher.client_for(&def).clone(), request))
+                let client = dispatcher.client_for(&def);
+                Some((client.clone(), pool_id(client), request))
             })
             .collect();
         anyhow::ensure!(!requests.is_empty(), "no event renders");
-        Ok(Calls(Arc::new(requests)))
+        Ok(Calls {
+            requests: Arc::new(requests),
+            cold_start: dispatcher.cold_start().clone(),
+        })
     }
 
     /// Sends `total` calls, `concurrency` at a time, reading every answer;
@@ -734,7 +743,8 @@ impl Calls {
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency.min(total) {
-            let (requests, next) = (self.0.clone(), next.clone());
+            let (requests, next) = (self.requests.clone(), next.clone());
+            let cold_start = self.cold_start.clone();
             tasks.spawn(async move {
                 let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
                 loop {
@@ -742,10 +752,12 @@ impl Calls {
                     if i >= total {
                         return Ok::<_, reqwest::Error>(answered);
                     }
-                    let (client, request) = &requests[i % requests.len()];
+                    let (client, pool, request) = &requests[i % requests.len()];
+                    let turn = cold_start.turn(*pool, &request.url).await;
                     let resp = client.execute(crate::dispatch::to_request(request)).await?;
                     let version = resp.version();
                     let _ = resp.bytes().await?;
+                    drop(turn);
                     // The connection goes back to the pool a moment after
                     // the answer is read; a call sent at once finds none
                     // idle and opens another (limit A opened 1 257–1 848

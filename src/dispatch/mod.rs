@@ -25,6 +25,7 @@ use serde_json::Value;
 use crate::action::{ActionDefinition, ActionSet};
 use crate::event::ActionEvent;
 use crate::render::RenderedRequest;
+pub use client::{pool_id, ColdStart};
 use limits::{KeyLimits, Slot};
 pub use outcome::{Attempt, AttemptStatus, Outcome, OutcomeCode};
 use retry::{classify, AttemptClass, Verdict};
@@ -111,6 +112,8 @@ pub struct Dispatcher {
     /// Shared clients: one following every redirect (GET), one only 307/308.
     client_get: Client,
     client_body: Client,
+    /// The first call to each HTTPS origin goes alone (see [`ColdStart`]).
+    cold_start: Arc<ColdStart>,
     options: DispatchOptions,
 }
 
@@ -123,8 +126,14 @@ impl Dispatcher {
             catalog: ArcSwap::from_pointee(Catalog::new(actions, None)),
             client_get,
             client_body,
+            cold_start: Arc::default(),
             options,
         })
+    }
+
+    /// The rule for calls to origins not answered yet.
+    pub fn cold_start(&self) -> &Arc<ColdStart> {
+        &self.cold_start
     }
 
     /// The current action set.
@@ -345,9 +354,14 @@ impl Dispatcher {
                     message: def.mask(&e.to_string()),
                     before_call: true,
                 })?;
+            let turn = self
+                .cold_start
+                .turn(client::pool_id(client), req.url())
+                .await;
             let start = Instant::now();
             let result = tokio::time::timeout(timeout, exchange(client, req, body_limit)).await;
             let duration = start.elapsed();
+            drop(turn);
             let result = match result {
                 Ok(r) => r,
                 Err(_) => Err(Failure {
