@@ -298,17 +298,29 @@ fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::ClientConfig;
 
+    /// Kills the held bench if the test fails before it stops it.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_journey-actions"))
-        .args(["bench", "--events", "300", "--keys", "30"])
-        .args(["--concurrency", "32", "--hold"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run bench");
+    let stderr = dir.path().join("stderr");
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_journey-actions"))
+            .args(["bench", "--events", "300", "--keys", "30"])
+            .args(["--concurrency", "32", "--hold"])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("run bench"),
+    );
     let mut held = Vec::new();
-    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+    for line in BufReader::new(child.0.stdout.take().expect("stdout")).lines() {
         let line = line.expect("stdout is text");
         let last = line.starts_with("Ctrl-C");
         if line.starts_with("held:") || !held.is_empty() {
@@ -321,7 +333,10 @@ fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
     let field = |prefix: &str| {
         held.iter()
             .find_map(|l| l.trim_start().strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in {held:#?}"))
+            .unwrap_or_else(|| {
+                let stderr = std::fs::read_to_string(&stderr).unwrap_or_default();
+                panic!("no {prefix:?} line in {held:#?}\nstderr:\n{stderr}")
+            })
             .to_string()
     };
     let brokers = field("held: brokers ");
@@ -363,8 +378,8 @@ fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
 
     // SIGTERM ends the hold, and takes the sink down with it.
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().expect("bench exits");
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.0.wait().expect("bench exits");
     assert!(status.success(), "{status}");
     let after = runtime.block_on(reqwest::Client::new().post(&url).body("{}").send());
     assert!(after.is_err(), "the sink is still up: {after:?}");

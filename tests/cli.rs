@@ -902,7 +902,7 @@ fn bench_refuses_a_json_path_it_cannot_write_before_running() {
     // One line: nothing ran (no progress lines, no table).
     assert_fails_with(
         &run,
-        "--json /nonexistent/journey-actions/bench.json: /nonexistent/journey-actions is not a directory",
+        "--json /nonexistent/journey-actions/bench.json: /nonexistent/journey-actions does not exist",
     );
     assert!(run.stdout.is_empty(), "{}", run.stdout);
 }

@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
 use crate::dispatch::auth::Auth;
-use crate::dispatch::client::{self, TlsMaterial};
+use crate::dispatch::client::{self, ColdStart, TlsMaterial};
 use crate::dispatch::limits::{CapSpec, LimitSpec};
 use crate::dispatch::retry::RetryPolicy;
 use crate::render::{NullValues, RequestSpec, RequestTemplate};
@@ -58,6 +58,9 @@ pub struct ActionDefinition {
     pub response: ResponseOptions,
     /// A client of its own when the action has TLS material.
     pub client: Option<reqwest::Client>,
+    /// That client's cold-start rule (each definition has its own, so a
+    /// reload, which builds new clients, starts afresh).
+    pub cold_start: Arc<ColdStart>,
     /// Every resolved secret value, for masking outgoing text.
     pub secrets: Vec<SecretString>,
 }
@@ -506,6 +509,7 @@ fn compile(
             limits,
             response,
             client,
+            cold_start: Arc::default(),
             secrets,
         }),
         _ => Err(problems),

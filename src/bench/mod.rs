@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::action::{self, ActionSet};
-use crate::dispatch::{pool_id, ColdStart, DispatchOptions, Dispatcher, OutcomeCode};
+use crate::dispatch::{ColdStart, DispatchOptions, Dispatcher, OutcomeCode};
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
@@ -431,7 +431,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let held = o.hold.then(|| {
-        let description = held_description(&settings, &rate_topic, &report, &base);
+        let ca = certificates.as_ref().map(|c| c.ca.as_path());
+        let description = held_description(&settings, &rate_topic, &report, &base, ca);
         Held {
             _cluster: cluster,
             _sink: sink,
@@ -444,7 +445,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
 
 /// What `--hold` prints: where the topics and the sink are, and what the
 /// topics hold.
-fn held_description(settings: &Settings, rate_topic: &str, report: &Report, sink: &str) -> String {
+fn held_description(
+    settings: &Settings,
+    rate_topic: &str,
+    report: &Report,
+    sink: &str,
+    ca: Option<&Path>,
+) -> String {
     let kafka = &settings.kafka;
     let mut topics = vec![
         format!("{} ({} events)", kafka.input_topic, report.events),
@@ -453,13 +460,23 @@ fn held_description(settings: &Settings, rate_topic: &str, report: &Report, sink
     if report.rate.is_some() {
         topics.push(format!("{rate_topic} (the events produced at --rate)"));
     }
+    let ca = ca
+        .map(|path| format!(", its CA {}", path.display()))
+        .unwrap_or_default();
+    // The mock broker holds a fetch that finds nothing for the whole
+    // fetch.wait.max.ms (kcat's default: 500 ms) before the end shows.
+    let wait = if report.broker == "mock" {
+        " -X fetch.wait.max.ms=1"
+    } else {
+        ""
+    };
     format!(
-        "held: brokers {}\n  topics: {}\n  sink: {sink} (the simple action POSTs to /v1/acme/messages)\n  \
-         e.g. kcat -C -b {} -t {} -o beginning -e -q -f '%o\\n' | wc -l\nCtrl-C or SIGTERM stops them.\n",
-        kafka.brokers,
-        topics.join(", "),
-        kafka.brokers,
-        kafka.input_topic,
+        "held: brokers {brokers}\n  topics: {topics}\n  sink: {sink} (answers every request{ca})\n  \
+         e.g. kcat -C -b {brokers} -t {input}{wait} -o beginning -e -q -f '%o\\n' | wc -l\n\
+         Ctrl-C or SIGTERM stops them.\n",
+        brokers = kafka.brokers,
+        topics = topics.join(", "),
+        input = kafka.input_topic,
     )
 }
 
@@ -705,12 +722,17 @@ fn warm_up_calls(o: &BenchOptions) -> usize {
 }
 
 /// Rendered requests, each with the client the worker would send it with
-/// (and that client's pool, for the worker's cold-start rule, which limit A
-/// follows too: see [`ColdStart`]).
-struct Calls {
-    requests: Arc<Vec<(reqwest::Client, usize, crate::render::RenderedRequest)>>,
-    cold_start: Arc<ColdStart>,
-}
+/// and that client's cold-start rule, which limit A follows too (see
+/// [`ColdStart`]).
+struct Calls(
+    Arc<
+        Vec<(
+            reqwest::Client,
+            Arc<ColdStart>,
+            crate::render::RenderedRequest,
+        )>,
+    >,
+);
 
 impl Calls {
     /// The events parsed and rendered, each request with the client the
@@ -722,15 +744,12 @@ impl Calls {
             .filter_map(|(_, v)| crate::event::ActionEvent::from_slice(v).ok())
             .filter_map(|e| {
                 let (def, request) = dispatcher.prepare(&e).ok()?;
-                let client = dispatcher.client_for(&def);
-                Some((client.clone(), pool_id(client), request))
+                let (client, cold_start) = dispatcher.pool_for(&def);
+                Some((client.clone(), cold_start.clone(), request))
             })
             .collect();
         anyhow::ensure!(!requests.is_empty(), "no event renders");
-        Ok(Calls {
-            requests: Arc::new(requests),
-            cold_start: dispatcher.cold_start().clone(),
-        })
+        Ok(Calls(Arc::new(requests)))
     }
 
     /// Sends `total` calls, `concurrency` at a time, reading every answer;
@@ -743,8 +762,7 @@ impl Calls {
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency.min(total) {
-            let (requests, next) = (self.requests.clone(), next.clone());
-            let cold_start = self.cold_start.clone();
+            let (requests, next) = (self.0.clone(), next.clone());
             tasks.spawn(async move {
                 let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
                 loop {
@@ -752,8 +770,8 @@ impl Calls {
                     if i >= total {
                         return Ok::<_, reqwest::Error>(answered);
                     }
-                    let (client, pool, request) = &requests[i % requests.len()];
-                    let turn = cold_start.turn(*pool, &request.url).await;
+                    let (client, cold_start, request) = &requests[i % requests.len()];
+                    let turn = cold_start.turn(&request.url).await;
                     let resp = client.execute(crate::dispatch::to_request(request)).await?;
                     let version = resp.version();
                     let _ = resp.bytes().await?;
@@ -930,9 +948,9 @@ async fn end_to_end(
     let task = {
         let (ended, stop) = (ended.clone(), stop.clone());
         tokio::spawn(async move {
-            let result = worker.run(stop).await;
-            ended.store(true, AtomicOrdering::Relaxed);
-            result
+            // Set however the task ends, a panic included.
+            let _ended = SetOnDrop(ended);
+            worker.run(stop).await
         })
     };
     // Nothing is counted before the group join: until then, the worker waits.
@@ -951,11 +969,11 @@ async fn end_to_end(
     // which the worker's busy runtime threads cannot hold up.
     let sink_pid = sink.pid();
     let before = if rate.is_none() {
-        let watched = metrics.clone();
+        let (watched, stopped) = (metrics.clone(), ended.clone());
         let first_read = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while watched.events_consumed.get() == 0 {
-                if Instant::now() > deadline || ended.load(AtomicOrdering::Relaxed) {
+                if Instant::now() > deadline || stopped.load(AtomicOrdering::Relaxed) {
                     return None;
                 }
                 std::thread::sleep(Duration::from_micros(100));
@@ -965,9 +983,13 @@ async fn end_to_end(
         match first_read.await? {
             Some(snapshot) => snapshot,
             None => {
+                let stopped = ended.load(AtomicOrdering::Relaxed);
                 stop.cancel();
                 task.await??;
-                anyhow::bail!("end-to-end: the worker read no event in 60 s, or stopped first");
+                if stopped {
+                    anyhow::bail!("end-to-end: the worker stopped before reading an event");
+                }
+                anyhow::bail!("end-to-end: the worker read no event in 60 s");
             }
         }
     } else {
@@ -1064,6 +1086,15 @@ async fn end_to_end(
         machine: used.machine,
         outcomes,
     })
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, AtomicOrdering::Relaxed);
+    }
 }
 
 /// With `--rate`, events consumed in the first second are left out of the

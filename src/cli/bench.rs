@@ -50,20 +50,34 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let (report, held) = runtime.block_on(bench::run(options))?;
     print!("{}", bench::table(&report));
     if let Some(held) = held {
-        use std::io::Write;
-        print!("{}", held.description);
-        std::io::stdout().flush()?;
-        let stop = tokio_util::sync::CancellationToken::new();
-        runtime.block_on(super::run::stop_on_signal(stop.clone()));
+        runtime.block_on(hold(&held.description))?;
         drop(held);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints what `--hold` keeps up, then waits for SIGINT or SIGTERM (listened
+/// for before the text that invites them is printed).
+async fn hold(description: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    print!("{description}");
+    std::io::stdout().flush()?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
 /// Fails now, rather than after the whole run, when `--json` names a file
 /// that cannot be written: an existing file is opened for writing (and left
-/// as it is), a new one needs its directory.
+/// as it is); for a new one, a file is made and removed in its directory.
 fn writable(path: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(!path.as_os_str().is_empty(), "an empty path");
+    anyhow::ensure!(!path.is_dir(), "a directory, not a file");
     if path.exists() {
         std::fs::OpenOptions::new().append(true).open(path)?;
         return Ok(());
@@ -72,6 +86,9 @@ fn writable(path: &Path) -> anyhow::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    anyhow::ensure!(dir.exists(), "{} does not exist", dir.display());
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+    tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! (actions with their own TLS material get a client of their own), and the
 //! classification of transport failures.
 
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -132,91 +131,109 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 /// first TLS handshake), so every call that finds no pooled connection opens
 /// its own, and a backlog opens up to `max_in_flight` TLS handshakes at once
 /// to one provider. So the first call to each `https` origin goes alone; the
-/// others wait until it is answered (or failed), at most [`ColdStart::WAIT`],
-/// and then find its HTTP/2 connection in the pool, or open their HTTP/1.1
-/// connections as before. Once answered, an origin is never waited for again.
+/// others wait until it is answered (or failed), and never beyond
+/// [`ColdStart::WAIT`] after it started; then they find its HTTP/2 connection
+/// in the pool, or open their HTTP/1.1 connections as before. Once answered,
+/// an origin is not waited for again. One per connection pool: each client
+/// holds its own (the shared clients in the dispatcher, an action with TLS
+/// material in its definition, so a reload starts afresh).
+#[derive(Default)]
 pub struct ColdStart {
-    origins: Mutex<foldhash::HashMap<u64, Arc<Origin>>>,
-    hasher: foldhash::fast::RandomState,
+    /// By host, then by port.
+    origins: Mutex<foldhash::HashMap<String, Ports>>,
 }
 
-#[derive(Default)]
-struct Origin {
+/// A host's ports and their first calls.
+type Ports = Vec<(u16, Arc<FirstCall>)>;
+
+impl std::fmt::Debug for ColdStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts = self.origins.lock().map(|o| o.len()).unwrap_or(0);
+        f.debug_struct("ColdStart").field("hosts", &hosts).finish()
+    }
+}
+
+/// An origin's first call.
+struct FirstCall {
+    started: tokio::time::Instant,
     answered: AtomicBool,
     notify: Notify,
 }
 
 /// The first call's pass: its origin counts as answered when it is dropped.
 #[must_use = "the origin's other calls wait until this is dropped"]
-pub struct Turn(Option<Arc<Origin>>);
+pub struct Turn(Option<Arc<FirstCall>>);
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        if let Some(origin) = self.0.take() {
-            origin.answered.store(true, Ordering::Release);
-            origin.notify.notify_waiters();
-        }
-    }
-}
-
-impl Default for ColdStart {
-    fn default() -> Self {
-        ColdStart {
-            origins: Mutex::new(foldhash::HashMap::default()),
-            hasher: foldhash::fast::RandomState::default(),
+        if let Some(first) = self.0.take() {
+            first.answered.store(true, Ordering::Release);
+            first.notify.notify_waiters();
         }
     }
 }
 
 impl ColdStart {
-    /// The longest a call waits for its origin's first answer.
+    /// How long after an origin's first call started the others go anyway.
     pub const WAIT: Duration = Duration::from_secs(1);
-    /// Origins remembered; beyond them calls are not held (URLs can be
-    /// templated from event data, so their number is not bounded).
-    const MAX_ORIGINS: usize = 4096;
+    /// Hosts, and ports per host, remembered; beyond them calls are not
+    /// held (URLs can be templated from event data, so their number is not
+    /// bounded).
+    const MAX_HOSTS: usize = 4096;
+    const MAX_PORTS: usize = 16;
 
-    /// Waits, if need be, until a call of the client `pool` (see
-    /// [`pool_id`]) to `url` may go.
-    pub async fn turn(&self, pool: usize, url: &Url) -> Turn {
+    /// Waits, if need be, until a call to `url` may go.
+    pub async fn turn(&self, url: &Url) -> Turn {
         if url.scheme() != "https" {
             return Turn(None);
         }
-        let key = self
-            .hasher
-            .hash_one((pool, url.host_str(), url.port_or_known_default()));
-        let origin = {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Turn(None);
+        };
+        let first = {
             let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-            match origins.get(&key) {
-                Some(origin) => origin.clone(),
-                None if origins.len() >= Self::MAX_ORIGINS => return Turn(None),
+            let ports = origins.get(host);
+            let known = ports.and_then(|ports| ports.iter().find(|(p, _)| *p == port));
+            let full = match ports {
+                Some(ports) => ports.len() >= Self::MAX_PORTS,
+                None => origins.len() >= Self::MAX_HOSTS,
+            };
+            match known {
+                Some((_, first)) => first.clone(),
+                None if full => return Turn(None),
                 None => {
-                    let origin = Arc::new(Origin::default());
-                    origins.insert(key, origin.clone());
-                    return Turn(Some(origin));
+                    let first = Arc::new(FirstCall {
+                        started: tokio::time::Instant::now(),
+                        answered: AtomicBool::new(false),
+                        notify: Notify::new(),
+                    });
+                    origins
+                        .entry(host.to_string())
+                        .or_default()
+                        .push((port, first.clone()));
+                    return Turn(Some(first));
                 }
             }
         };
-        if origin.answered.load(Ordering::Acquire) {
+        let until = first.started + Self::WAIT;
+        if first.answered.load(Ordering::Acquire) || tokio::time::Instant::now() >= until {
             return Turn(None);
         }
-        let notified = origin.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if !origin.answered.load(Ordering::Acquire) {
-            let _ = tokio::time::timeout(Self::WAIT, notified).await;
+        // Created before the check below, so the first call's answer cannot
+        // fall between the two (`notify_waiters` wakes every `Notified`
+        // that exists when it is called).
+        let answered = first.notify.notified();
+        if !first.answered.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout_at(until, answered).await;
         }
         Turn(None)
     }
 }
 
-/// Which connection pool a client is: its address, as long as it lives.
-pub fn pool_id(client: &Client) -> usize {
-    client as *const Client as usize
-}
-
 #[cfg(test)]
 mod tests {
     use futures::FutureExt;
+    use tokio::time::Instant;
 
     use super::*;
 
@@ -224,46 +241,62 @@ mod tests {
         Url::parse(text).expect("URL")
     }
 
-    #[tokio::test]
+    /// A turn that is given at once, without waiting.
+    fn not_held(cold: &ColdStart, text: &str) -> Turn {
+        cold.turn(&url(text))
+            .now_or_never()
+            .unwrap_or_else(|| panic!("{text} was held"))
+    }
+
+    // The clock is paused: it moves only when every task waits on a timer,
+    // so "no time passed" means "woken by the answer, not by the time limit".
+    #[tokio::test(start_paused = true)]
     async fn the_first_https_call_to_an_origin_goes_alone() {
         let cold = Arc::new(ColdStart::default());
-        let not_held = |pool, text: &str| {
-            cold.turn(pool, &url(text))
-                .now_or_never()
-                .unwrap_or_else(|| panic!("{text} (pool {pool}) was held"))
-        };
-        let first = not_held(1, "https://api.example.com/a");
-        // Another origin, another pool, plain HTTP: not held.
-        drop(not_held(1, "https://other.example.com/a"));
-        drop(not_held(2, "https://api.example.com/a"));
-        drop(not_held(1, "http://api.example.com/a"));
+        let first = not_held(&cold, "https://api.example.com/a");
+        // Another host, another port, plain HTTP: not held.
+        drop(not_held(&cold, "https://other.example.com/a"));
+        drop(not_held(&cold, "https://api.example.com:8443/a"));
+        drop(not_held(&cold, "http://api.example.com/a"));
 
         let waiting = {
             let cold = cold.clone();
             tokio::spawn(async move {
-                let _turn = cold.turn(1, &url("https://api.example.com:443/b")).await;
+                let _turn = cold.turn(&url("https://api.example.com:443/b")).await;
             })
         };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !waiting.is_finished(),
             "the second call went before the first was answered"
         );
+        let answered = Instant::now();
         drop(first);
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the second call goes once the first is answered")
-            .expect("task");
+        waiting.await.expect("task");
+        assert_eq!(
+            answered.elapsed(),
+            Duration::ZERO,
+            "the second call waited for the time limit, not for the answer"
+        );
         // Answered: nobody waits any more.
-        drop(not_held(1, "https://api.example.com/c"));
+        drop(not_held(&cold, "https://api.example.com/c"));
     }
 
-    #[tokio::test]
-    async fn a_first_call_that_hangs_holds_the_others_for_one_second_at_most() {
+    #[tokio::test(start_paused = true)]
+    async fn the_others_wait_one_second_after_the_first_started_at_most() {
         let cold = ColdStart::default();
-        let _first = cold.turn(1, &url("https://slow.example.com/")).await;
-        let start = std::time::Instant::now();
-        drop(cold.turn(1, &url("https://slow.example.com/")).await);
-        assert!(start.elapsed() >= ColdStart::WAIT, "{:?}", start.elapsed());
+        let started = Instant::now();
+        let _first = not_held(&cold, "https://slow.example.com/");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = tokio::time::timeout(
+            Duration::from_secs(60),
+            cold.turn(&url("https://slow.example.com/")),
+        )
+        .await
+        .expect("a held call goes at the time limit");
+        drop(held);
+        assert_eq!(started.elapsed(), ColdStart::WAIT);
+        // After that, calls to the still unanswered origin are not held.
+        drop(not_held(&cold, "https://slow.example.com/"));
     }
 }

@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::action::{ActionDefinition, ActionSet};
 use crate::event::ActionEvent;
 use crate::render::RenderedRequest;
-pub use client::{pool_id, ColdStart};
+pub use client::ColdStart;
 use limits::{KeyLimits, Slot};
 pub use outcome::{Attempt, AttemptStatus, Outcome, OutcomeCode};
 use retry::{classify, AttemptClass, Verdict};
@@ -112,8 +112,9 @@ pub struct Dispatcher {
     /// Shared clients: one following every redirect (GET), one only 307/308.
     client_get: Client,
     client_body: Client,
-    /// The first call to each HTTPS origin goes alone (see [`ColdStart`]).
-    cold_start: Arc<ColdStart>,
+    /// Their cold-start rules (see [`ColdStart`]).
+    cold_get: Arc<ColdStart>,
+    cold_body: Arc<ColdStart>,
     options: DispatchOptions,
 }
 
@@ -126,14 +127,10 @@ impl Dispatcher {
             catalog: ArcSwap::from_pointee(Catalog::new(actions, None)),
             client_get,
             client_body,
-            cold_start: Arc::default(),
+            cold_get: Arc::default(),
+            cold_body: Arc::default(),
             options,
         })
-    }
-
-    /// The rule for calls to origins not answered yet.
-    pub fn cold_start(&self) -> &Arc<ColdStart> {
-        &self.cold_start
     }
 
     /// The current action set.
@@ -151,13 +148,18 @@ impl Dispatcher {
 
     /// The client a call of `def` goes through.
     pub fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
+        self.pool_for(def).0
+    }
+
+    /// The client a call of `def` goes through, with its cold-start rule.
+    pub fn pool_for<'a>(&'a self, def: &'a ActionDefinition) -> (&'a Client, &'a Arc<ColdStart>) {
         match (
             &def.client,
             client::Redirects::for_method(&def.request.method),
         ) {
-            (Some(own), _) => own,
-            (None, client::Redirects::All) => &self.client_get,
-            (None, client::Redirects::KeepingMethod) => &self.client_body,
+            (Some(own), _) => (own, &def.cold_start),
+            (None, client::Redirects::All) => (&self.client_get, &self.cold_get),
+            (None, client::Redirects::KeepingMethod) => (&self.client_body, &self.cold_body),
         }
     }
 
@@ -354,10 +356,7 @@ impl Dispatcher {
                     message: def.mask(&e.to_string()),
                     before_call: true,
                 })?;
-            let turn = self
-                .cold_start
-                .turn(client::pool_id(client), req.url())
-                .await;
+            let turn = self.pool_for(def).1.turn(req.url()).await;
             let start = Instant::now();
             let result = tokio::time::timeout(timeout, exchange(client, req, body_limit)).await;
             let duration = start.elapsed();
