@@ -2,7 +2,7 @@
 //! (actions with their own TLS material get a client of their own), and the
 //! classification of transport failures.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,12 +69,15 @@ impl Redirects {
     }
 }
 
+/// How long an idle connection stays in a client's pool.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
 /// Builds a client; `tls` adds a client certificate and/or a private CA.
 pub fn build(tls: Option<&TlsMaterial>, redirects: Redirects) -> Result<Client, String> {
     let mut builder = Client::builder()
         .redirect(redirects.policy())
         .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(POOL_IDLE)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .user_agent(concat!("journey-actions/", env!("CARGO_PKG_VERSION")));
@@ -134,7 +137,9 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 /// others wait until it is answered (or failed), and never beyond
 /// [`ColdStart::WAIT`] after it started; then they find its HTTP/2 connection
 /// in the pool, or open their HTTP/1.1 connections as before. Once answered,
-/// an origin is not waited for again. One per connection pool: each client
+/// an origin is not waited for again, unless no call went to it for as long
+/// as the pool keeps an idle connection: its connections are gone, and the
+/// next wave is a cold start again. One per connection pool: each client
 /// holds its own (the shared clients in the dispatcher, an action with TLS
 /// material in its definition, so a reload starts afresh).
 #[derive(Default)]
@@ -153,11 +158,32 @@ impl std::fmt::Debug for ColdStart {
     }
 }
 
-/// An origin's first call.
+/// An origin's first call (since its connections were last let go).
 struct FirstCall {
     started: tokio::time::Instant,
     answered: AtomicBool,
     notify: Notify,
+    /// When the latest call to the origin started, in ms after `started`.
+    latest: AtomicU64,
+}
+
+impl FirstCall {
+    fn new(now: tokio::time::Instant) -> Arc<FirstCall> {
+        Arc::new(FirstCall {
+            started: now,
+            answered: AtomicBool::new(false),
+            notify: Notify::new(),
+            latest: AtomicU64::new(0),
+        })
+    }
+
+    /// Notes a call starting at `now`; whether the origin was idle for as
+    /// long as the pool keeps a connection before it.
+    fn call_at(&self, now: tokio::time::Instant) -> bool {
+        let at = now.duration_since(self.started).as_millis() as u64;
+        let latest = self.latest.swap(at, Ordering::Relaxed);
+        Duration::from_millis(at.saturating_sub(latest)) >= POOL_IDLE
+    }
 }
 
 /// The first call's pass: its origin counts as answered when it is dropped.
@@ -190,33 +216,35 @@ impl ColdStart {
         let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
             return Turn(None);
         };
+        let now = tokio::time::Instant::now();
         let first = {
             let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-            let ports = origins.get(host);
-            let known = ports.and_then(|ports| ports.iter().find(|(p, _)| *p == port));
-            let full = match ports {
-                Some(ports) => ports.len() >= Self::MAX_PORTS,
-                None => origins.len() >= Self::MAX_HOSTS,
-            };
-            match known {
-                Some((_, first)) => first.clone(),
+            let full = origins.len() >= Self::MAX_HOSTS;
+            let ports = match origins.get_mut(host) {
+                Some(ports) => ports,
                 None if full => return Turn(None),
+                None => origins.entry(host.to_string()).or_default(),
+            };
+            let slots = ports.len();
+            match ports.iter_mut().find(|(p, _)| *p == port) {
+                Some((_, first)) => {
+                    let idle = first.call_at(now);
+                    if idle && first.answered.load(Ordering::Acquire) {
+                        *first = FirstCall::new(now);
+                        return Turn(Some(first.clone()));
+                    }
+                    first.clone()
+                }
+                None if slots >= Self::MAX_PORTS => return Turn(None),
                 None => {
-                    let first = Arc::new(FirstCall {
-                        started: tokio::time::Instant::now(),
-                        answered: AtomicBool::new(false),
-                        notify: Notify::new(),
-                    });
-                    origins
-                        .entry(host.to_string())
-                        .or_default()
-                        .push((port, first.clone()));
+                    let first = FirstCall::new(now);
+                    ports.push((port, first.clone()));
                     return Turn(Some(first));
                 }
             }
         };
         let until = first.started + Self::WAIT;
-        if first.answered.load(Ordering::Acquire) || tokio::time::Instant::now() >= until {
+        if first.answered.load(Ordering::Acquire) || now >= until {
             return Turn(None);
         }
         // Created before the check below, so the first call's answer cannot
@@ -280,6 +308,28 @@ mod tests {
         );
         // Answered: nobody waits any more.
         drop(not_held(&cold, "https://api.example.com/c"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_origin_idle_for_as_long_as_the_pool_keeps_connections_is_cold_again() {
+        let cold = Arc::new(ColdStart::default());
+        drop(not_held(&cold, "https://api.example.com/a"));
+        // Calls closer together than the pool's idle time: not held.
+        for _ in 0..3 {
+            tokio::time::sleep(POOL_IDLE - Duration::from_secs(1)).await;
+            drop(not_held(&cold, "https://api.example.com/a"));
+        }
+        tokio::time::sleep(POOL_IDLE).await;
+        // The next call goes alone again; one beside it waits for its answer.
+        let first = not_held(&cold, "https://api.example.com/a");
+        assert!(
+            cold.turn(&url("https://api.example.com/a"))
+                .now_or_never()
+                .is_none(),
+            "a call beside the first after an idle spell was not held"
+        );
+        drop(first);
+        drop(not_held(&cold, "https://api.example.com/a"));
     }
 
     #[tokio::test(start_paused = true)]
