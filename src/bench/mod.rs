@@ -724,14 +724,12 @@ fn warm_up_calls(o: &BenchOptions) -> usize {
 /// Rendered requests, each with the client the worker would send it with
 /// and that client's cold-start rule, which limit A follows too (see
 /// [`ColdStart`]).
-struct Calls(
-    Arc<
-        Vec<(
-            reqwest::Client,
-            Arc<ColdStart>,
-            crate::render::RenderedRequest,
-        )>,
-    >,
+struct Calls(Arc<Vec<Call>>);
+
+type Call = (
+    reqwest::Client,
+    Arc<ColdStart>,
+    crate::render::RenderedRequest,
 );
 
 impl Calls {

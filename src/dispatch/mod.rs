@@ -146,11 +146,6 @@ impl Dispatcher {
             .store(Arc::new(Catalog::new(actions, Some(&current))));
     }
 
-    /// The client a call of `def` goes through.
-    pub fn client_for<'a>(&'a self, def: &'a ActionDefinition) -> &'a Client {
-        self.pool_for(def).0
-    }
-
     /// The client a call of `def` goes through, with its cold-start rule.
     pub fn pool_for<'a>(&'a self, def: &'a ActionDefinition) -> (&'a Client, &'a Arc<ColdStart>) {
         match (
@@ -234,8 +229,6 @@ impl Dispatcher {
         event: &ActionEvent,
         first: Admitted,
     ) -> Outcome {
-        let client = self.client_for(def);
-        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let deadline = until_instant(event.deadline);
         let started = Instant::now();
         let limits = first.limits.clone();
@@ -261,10 +254,8 @@ impl Dispatcher {
             // 10 000 such futures).
             let call = self.call(
                 def,
-                client,
                 request,
                 event,
-                timeout,
                 def.response.max_bytes,
                 &mut outcome.attempts,
             );
@@ -307,17 +298,13 @@ impl Dispatcher {
     /// The "send test request": one call, no retries and no limits.
     pub async fn send_once(&self, event: &ActionEvent) -> Result<Reply, Outcome> {
         let (def, request) = self.prepare(event)?;
-        let client = self.client_for(&def);
-        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let mut outcome = Outcome::early(OutcomeCode::Ok, "");
         outcome.first_attempt_at = Some(Utc::now());
         let result = self
             .call(
                 &def,
-                client,
                 &request,
                 event,
-                timeout,
                 SEND_BODY_LIMIT,
                 &mut outcome.attempts,
             )
@@ -331,19 +318,19 @@ impl Dispatcher {
         }
     }
 
-    /// One provider call with credentials; on a 401 with a token scheme the
-    /// token is refreshed once and the call repeated.
-    #[allow(clippy::too_many_arguments)]
+    /// One provider call with credentials, through the action's client and
+    /// within its timeout; on a 401 with a token scheme the token is
+    /// refreshed once and the call repeated.
     async fn call(
         &self,
         def: &ActionDefinition,
-        client: &Client,
         rendered: &RenderedRequest,
         event: &ActionEvent,
-        timeout: Duration,
         body_limit: usize,
         attempts: &mut Vec<Attempt>,
     ) -> Result<Reply, Failure> {
+        let (client, cold_start) = self.pool_for(def);
+        let timeout = def.timeout.unwrap_or(self.options.default_timeout);
         let mut refreshed = false;
         loop {
             let mut req = to_request(rendered);
@@ -356,7 +343,7 @@ impl Dispatcher {
                     message: def.mask(&e.to_string()),
                     before_call: true,
                 })?;
-            let turn = self.pool_for(def).1.turn(req.url()).await;
+            let turn = cold_start.turn(req.url()).await;
             let start = Instant::now();
             let result = tokio::time::timeout(timeout, exchange(client, req, body_limit)).await;
             let duration = start.elapsed();
