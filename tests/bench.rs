@@ -131,6 +131,27 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
     assert!(number(&report, "end_to_end.peak_rss_mib") > 0.0);
     assert!(number(&report, "end_to_end.cpu_seconds_per_10k") > 0.0);
     assert!(number(&report, "parse_render_us") > 0.0);
+    // This process's CPU by kind of thread adds up to its CPU per event (or
+    // call); the end-to-end phase runs the worker's tasks, its Kafka
+    // clients and, on the mock cluster, the broker.
+    for phase in ["end_to_end", "limit_http", "kafka_round_trip"] {
+        let by = ["runtime", "kafka_clients", "mock_broker", "other"]
+            .map(|kind| number(&report, &format!("{phase}.cpu_by_thread_us.{kind}")));
+        assert!(by.iter().all(|us| *us >= 0.0), "{phase}: {by:?}");
+        let per_10k = number(&report, &format!("{phase}.cpu_seconds_per_10k"));
+        let sum_per_10k = by.iter().sum::<f64>() / 100.0;
+        assert!(
+            (sum_per_10k - per_10k).abs() <= 0.1 * per_10k + 0.005,
+            "{phase}: by thread {by:?} µs per event, in all {per_10k} s per 10k"
+        );
+    }
+    for kind in ["runtime", "kafka_clients", "mock_broker"] {
+        assert!(
+            number(&report, &format!("end_to_end.cpu_by_thread_us.{kind}")) > 0.0,
+            "end-to-end: no CPU counted for {kind}"
+        );
+    }
+    assert!(number(&report, "limit_http.cpu_by_thread_us.runtime") > 0.0);
     assert_eq!(report["sink_latency"], "5ms");
     assert_eq!(report["sink_protocol"], "http");
     assert_eq!(report["broker"], "mock");
@@ -151,6 +172,7 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         "event latency (consume → outcome)",
         "peak RSS",
         "connections the sink accepted: end-to-end",
+        "this process's CPU by thread, µs per call or event:",
     ] {
         assert!(stdout.contains(row), "table row {row:?} missing:\n{stdout}");
     }

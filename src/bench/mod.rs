@@ -12,6 +12,7 @@
 //! inside this one, so its CPU is counted with the worker's.
 
 pub mod sink;
+mod threads;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
 use crate::worker::{Finished, Worker};
 use sink::{Certificates, Latency, Protocol, SinkProcess};
+pub use threads::ByThread;
+use threads::Threads;
 
 /// Which actions the events use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -130,6 +133,9 @@ pub struct Limit {
     /// Share of the machine's CPU time that was busy during the phase, and
     /// the share the hypervisor took (steal), from `/proc/stat`.
     pub machine: Option<MachineLoad>,
+    /// This process's CPU by kind of thread, µs per operation (limit A and
+    /// the Kafka round trip).
+    pub cpu_by_thread_us: Option<ByThread>,
 }
 
 /// How busy the whole machine was during a phase (`/proc/stat`).
@@ -180,6 +186,8 @@ pub struct EndToEnd {
     /// Connections the sink accepted during the phase.
     pub sink_connections: usize,
     pub machine: Option<MachineLoad>,
+    /// `cpu_seconds_per_10k` by kind of thread, µs per event.
+    pub cpu_by_thread_us: ByThread,
     pub outcomes: BTreeMap<String, usize>,
 }
 
@@ -653,6 +661,7 @@ async fn http_limit(
     measured.sink_connections = Some(sink.connections()? - connections_before);
     measured.http_versions = Some(versions);
     measured.machine = used.machine;
+    measured.cpu_by_thread_us = Some(used.threads.per_op(answered));
     Ok((measured, parse_render_us))
 }
 
@@ -846,8 +855,9 @@ struct Consuming {
     consumer: StreamConsumer,
     total: usize,
     count: usize,
-    /// When the first event came, and this process's CPU time then.
-    started: Option<(Instant, f64)>,
+    /// When the first event came, and this process's CPU time then (in
+    /// all, and by thread).
+    started: Option<(Instant, f64, Threads)>,
     deadline: Instant,
 }
 
@@ -878,7 +888,7 @@ impl Consuming {
             let received = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await;
             if let Ok(Ok(m)) = received {
                 self.started
-                    .get_or_insert_with(|| (Instant::now(), cpu_seconds()));
+                    .get_or_insert_with(|| (Instant::now(), cpu_seconds(), Threads::read()));
                 self.count += 1;
                 return Ok(Some(m));
             }
@@ -888,12 +898,14 @@ impl Consuming {
 
     /// Events per second and CPU per 10 000, from the first event consumed.
     fn measured(&self) -> Limit {
-        let (elapsed, cpu) = self
-            .started
-            .map(|(at, cpu)| (at.elapsed(), cpu_seconds() - cpu))
-            .unwrap_or_default();
+        let Some((at, cpu, threads)) = &self.started else {
+            return limit(0, Duration::ZERO);
+        };
+        let (elapsed, cpu) = (at.elapsed(), cpu_seconds() - cpu);
         let mut measured = limit(self.count, elapsed);
         measured.cpu_seconds_per_10k = per_10k(cpu, self.count);
+        let by_thread = threads.until(&Threads::read(), cpu);
+        measured.cpu_by_thread_us = Some(by_thread.per_op(self.count));
         measured
     }
 }
@@ -1082,6 +1094,7 @@ async fn end_to_end(
         sink_cpu_seconds_per_10k: per_10k(used.sink, total),
         sink_connections: sink.connections()? - connections_before,
         machine: used.machine,
+        cpu_by_thread_us: used.threads.per_op(total),
         outcomes,
     })
 }
@@ -1167,6 +1180,7 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
         sink_connections: None,
         http_versions: None,
         machine: None,
+        cpu_by_thread_us: None,
     }
 }
 
@@ -1200,6 +1214,7 @@ struct Snapshot {
     sink: f64,
     sink_pid: u32,
     machine: Option<ProcStat>,
+    threads: Threads,
 }
 
 /// What a phase used, from two [`Snapshot`]s.
@@ -1207,6 +1222,8 @@ struct Usage {
     own: f64,
     sink: f64,
     machine: Option<MachineLoad>,
+    /// `own` by kind of thread.
+    threads: ByThread,
 }
 
 impl Snapshot {
@@ -1216,6 +1233,7 @@ impl Snapshot {
             sink: process_cpu_seconds(sink_pid).unwrap_or(0.0),
             sink_pid,
             machine: ProcStat::read(),
+            threads: Threads::read(),
         }
     }
 
@@ -1235,6 +1253,7 @@ impl Snapshot {
             own: now.own - self.own,
             sink: (now.sink - self.sink).max(0.0),
             machine,
+            threads: self.threads.until(&now.threads, now.own - self.own),
         }
     }
 }
@@ -1453,6 +1472,29 @@ pub fn table(r: &Report) -> String {
             .map(|n| n.to_string())
             .unwrap_or_else(|| "–".into()),
     ));
+    out.push_str(&format!(
+        "this process's CPU by thread, µs per call or event: {:>9}{:>15}{:>13}{:>7}\n",
+        "runtime", "Kafka clients", "mock broker", "other"
+    ));
+    let mut by_thread = vec![
+        ("limit A", r.limit_http.cpu_by_thread_us),
+        ("Kafka round trip", r.kafka_round_trip.cpu_by_thread_us),
+    ];
+    if let Some(full) = &r.full_speed {
+        by_thread.push(("end-to-end at full speed", Some(full.cpu_by_thread_us)));
+    }
+    by_thread.push((
+        at_rate.as_deref().unwrap_or("end-to-end worker"),
+        Some(e.cpu_by_thread_us),
+    ));
+    for (name, by) in by_thread {
+        if let Some(b) = by {
+            out.push_str(&format!(
+                "  {name:<50}{:>9.1}{:>15.1}{:>13.1}{:>7.1}\n",
+                b.runtime, b.kafka_clients, b.mock_broker, b.other
+            ));
+        }
+    }
     let ratio = e
         .ratio
         .map(|x| (x, ""))
@@ -1616,6 +1658,7 @@ mod tests {
             sink_cpu_seconds_per_10k: 0.1,
             sink_connections: 64,
             machine,
+            cpu_by_thread_us: ByThread::default(),
             outcomes: BTreeMap::new(),
         };
         let bound = cpu_bound_ratio(&http, &e2e(busy(0.95), Some(0.5))).unwrap();
