@@ -217,7 +217,7 @@ pub struct Report {
     pub warm_up_connections: usize,
     /// librdkafka settings given on top of the worker's defaults
     /// (`[kafka.consumer]`, `[kafka.producer]`, and on the mock cluster
-    /// [`MOCK_FETCH_WAIT`]).
+    /// with `--rate` [`MOCK_FETCH_WAIT`]).
     pub consumer_settings: BTreeMap<String, String>,
     pub producer_settings: BTreeMap<String, String>,
     pub limit_http: Limit,
@@ -265,12 +265,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
             // the whole fetch.wait.max.ms, even if records arrive meanwhile
             // (librdkafka's rdkafka_mock_handlers.c); a real broker answers
             // as soon as they arrive. With the worker's 10 ms, a steady rate
-            // would reach the worker in bursts of 10 ms of events.
-            settings
-                .kafka
-                .consumer
-                .entry(MOCK_FETCH_WAIT.0.into())
-                .or_insert_with(|| MOCK_FETCH_WAIT.1.into());
+            // would reach the worker in bursts of 10 ms of events. Without a
+            // rate every event is there before the phase starts, and only
+            // the fetches that find nothing wait: the worker's own setting
+            // is kept (at 1 ms those idle fetches cost ~2 µs of CPU per
+            // event at full speed).
+            if o.rate.is_some() {
+                settings
+                    .kafka
+                    .consumer
+                    .entry(MOCK_FETCH_WAIT.0.into())
+                    .or_insert_with(|| MOCK_FETCH_WAIT.1.into());
+            }
             for t in topics {
                 cluster.create_topic(t, o.partitions, 1)?;
             }
@@ -536,8 +542,8 @@ fn cpu_bound_ratio(http: &Limit, e2e: &EndToEnd) -> Option<f64> {
     (event > 0.0).then(|| call / event)
 }
 
-/// The consumer's `fetch.wait.max.ms` on the mock cluster, unless the
-/// configuration sets one.
+/// The consumer's `fetch.wait.max.ms` on the mock cluster with `--rate`,
+/// unless the configuration sets one.
 pub const MOCK_FETCH_WAIT: (&str, &str) = ("fetch.wait.max.ms", "1");
 
 /// librdkafka's mock cluster keeps at most 5 MiB per partition and silently
