@@ -238,6 +238,49 @@ pub struct Report {
     /// The ratio the CPU allows when both limit A and end-to-end keep the
     /// machine busy: CPU per call (this process + sink) over CPU per event.
     pub cpu_bound_ratio: Option<f64>,
+    /// When `cpu_bound_ratio` is measured: what an event cost beyond one of
+    /// limit A's calls, by kind of thread.
+    pub beyond_the_call: Option<BeyondTheCall>,
+}
+
+/// What an end-to-end event cost beyond one of limit A's calls, in µs of
+/// CPU (this process and the sink), by where it went; and what the
+/// issue's ratio of 0.85 would leave for it. The parts add up to the
+/// event's cost minus the call's.
+#[derive(Debug, Serialize)]
+pub struct BeyondTheCall {
+    /// Limit A's call, this process and the sink.
+    pub call_us: f64,
+    /// The most an event may cost beyond the call for a ratio of 0.85,
+    /// both phases being CPU-bound: `call_us / 0.85 - call_us`.
+    pub allowed_for_085_us: f64,
+    /// The runtime's threads: the worker's tasks (parsing, rendering,
+    /// dispatch, result records, the consume loop) beyond the call's share.
+    pub runtime_us: f64,
+    /// The Kafka clients' and the mock broker's threads.
+    pub kafka_us: f64,
+    /// The sink's CPU beyond what it spent per call of limit A.
+    pub sink_us: f64,
+    pub other_us: f64,
+}
+
+/// The issue's target for end-to-end / min(A, B).
+const TARGET_RATIO: f64 = 0.85;
+
+fn beyond_the_call(http: &Limit, e2e: &EndToEnd) -> Option<BeyondTheCall> {
+    let a = http.cpu_by_thread_us?;
+    let e = e2e.cpu_by_thread_us;
+    // s per 10 000 → µs per call or event.
+    let sink_a = http.sink_cpu_seconds_per_10k? * 100.0;
+    let call_us = http.cpu_seconds_per_10k * 100.0 + sink_a;
+    Some(BeyondTheCall {
+        call_us,
+        allowed_for_085_us: call_us / TARGET_RATIO - call_us,
+        runtime_us: e.runtime - a.runtime,
+        kafka_us: e.kafka_clients + e.mock_broker - a.kafka_clients - a.mock_broker,
+        sink_us: e2e.sink_cpu_seconds_per_10k * 100.0 - sink_a,
+        other_us: e.other - a.other,
+    })
 }
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)> {
@@ -410,11 +453,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     // Stopped here unless --hold keeps it.
     let sink = o.hold.then_some(sink);
 
-    let cpu_bound_ratio = cpu_bound_ratio(&limit_http, full_speed.as_ref().unwrap_or(&end_to_end));
+    let full = full_speed.as_ref().unwrap_or(&end_to_end);
+    let cpu_bound_ratio = cpu_bound_ratio(&limit_http, full);
+    let beyond_the_call = cpu_bound_ratio.and_then(|_| beyond_the_call(&limit_http, full));
     let necessary_work_ratio =
         necessary_work_ratio(&limit_http, &kafka_round_trip, parse_render_us);
     let report = Report {
         cpu_bound_ratio,
+        beyond_the_call,
         machine: machine(),
         events: o.events,
         concurrency: o.concurrency,
@@ -1521,6 +1567,20 @@ pub fn table(r: &Report) -> String {
             r.limit_http.cpu_seconds_per_10k, sink_a, full.cpu_seconds_per_10k, full.sink_cpu_seconds_per_10k
         ));
     }
+    if let Some(b) = &r.beyond_the_call {
+        out.push_str(&format!(
+            "  an event cost {:.1} µs of CPU more than A's call ({:.1} with the sink); a ratio of {TARGET_RATIO} allows {:.1}:\n  \
+             runtime threads {:+.1} (parsing, rendering, the worker's tasks), Kafka clients and broker {:+.1},\n  \
+             the sink {:+.1}, other {:+.1}\n",
+            b.runtime_us + b.kafka_us + b.sink_us + b.other_us,
+            b.call_us,
+            b.allowed_for_085_us,
+            b.runtime_us,
+            b.kafka_us,
+            b.sink_us,
+            b.other_us
+        ));
+    }
     match necessary_work(&r.limit_http, &r.kafka_round_trip, r.parse_render_us) {
         Some(NecessaryWork { call, round_trip, bound }) => out.push_str(&format!(
             "  work no worker can skip, per event, in µs of CPU: A's call {call:.1} (with the sink) + the Kafka\n  \
@@ -1673,6 +1733,31 @@ mod tests {
         assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), None)).is_none());
         http.machine = busy(0.6);
         assert!(cpu_bound_ratio(&http, &e2e(busy(0.95), Some(0.5))).is_none());
+
+        // 20 + 10 µs per call; an event 50 + 10: 30 µs more, by thread.
+        http.cpu_by_thread_us = Some(ByThread {
+            runtime: 19.5,
+            other: 0.5,
+            ..ByThread::default()
+        });
+        let mut event = e2e(busy(0.95), Some(0.5));
+        event.cpu_by_thread_us = ByThread {
+            runtime: 41.0,
+            kafka_clients: 5.0,
+            mock_broker: 3.5,
+            other: 0.5,
+        };
+        let b = beyond_the_call(&http, &event).unwrap();
+        assert!((b.call_us - 30.0).abs() < 1e-9, "{b:?}");
+        assert!((b.allowed_for_085_us - (30.0 / 0.85 - 30.0)).abs() < 1e-9);
+        assert!((b.runtime_us - 21.5).abs() < 1e-9, "{b:?}");
+        assert!((b.kafka_us - 8.5).abs() < 1e-9, "{b:?}");
+        assert!(b.sink_us.abs() < 1e-9 && b.other_us.abs() < 1e-9, "{b:?}");
+        let sum = b.runtime_us + b.kafka_us + b.sink_us + b.other_us;
+        assert!(
+            (sum - 30.0).abs() < 1e-9,
+            "the parts add up to the difference: {b:?}"
+        );
     }
 
     #[test]
