@@ -97,6 +97,9 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
     /// Return the mock cluster and the sink ([`Held`]) instead of stopping them.
     pub hold: bool,
+    /// How many times the phases run, one round after another on the same
+    /// events, sink and broker (see [`Report::rounds`]).
+    pub rounds: usize,
 }
 
 /// What `--hold` keeps up after the run: the mock cluster with the run's
@@ -241,6 +244,12 @@ pub struct Report {
     /// When `cpu_bound_ratio` is measured: what an event cost beyond one of
     /// limit A's calls, by kind of thread.
     pub beyond_the_call: Option<BeyondTheCall>,
+    /// Which round (1-based) the phases above are from: the one with the
+    /// median ratio (see [`RoundFigures`]). Its end-to-end peak RSS is the
+    /// first round's, measured on a fresh process.
+    pub shown_round: usize,
+    /// Every round's headline figures, in the order they ran.
+    pub rounds: Vec<RoundFigures>,
 }
 
 /// What an end-to-end event cost beyond one of limit A's calls, in µs of
@@ -292,13 +301,22 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     settings.kafka.input_topic = format!("bench.input.{run_id}");
     settings.kafka.results_topic = format!("bench.results.{run_id}");
     settings.kafka.dlq_topic = format!("bench.dlq.{run_id}");
-    let rate_topic = format!("bench.rated.{run_id}");
-    let topics = [
+    let rounds = o.rounds.max(1);
+    // A round at --rate produces its events anew, into a topic of its own.
+    let rate_topics: Vec<String> = (1..=rounds)
+        .map(|i| match rounds {
+            1 => format!("bench.rated.{run_id}"),
+            _ => format!("bench.rated.{run_id}.{i}"),
+        })
+        .collect();
+    let mut topics = vec![
         &settings.kafka.input_topic,
         &settings.kafka.results_topic,
         &settings.kafka.dlq_topic,
-        &rate_topic,
     ];
+    if o.rate.is_some() {
+        topics.extend(&rate_topics);
+    }
     let cluster = match &o.brokers {
         None => {
             let cluster =
@@ -320,7 +338,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
                     .entry(MOCK_FETCH_WAIT.0.into())
                     .or_insert_with(|| MOCK_FETCH_WAIT.1.into());
             }
-            for t in topics {
+            for t in &topics {
                 cluster.create_topic(t, o.partitions, 1)?;
             }
             Some(cluster)
@@ -389,67 +407,41 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     )
     .await?;
     let warm_up_connections = sink.connections()? - connections_before;
-    // End-to-end first, so its memory peak is not inflated by what the limit
-    // phases leave allocated (10 000 sink connections, for one).
-    let mut full_speed = match o.rate {
-        Some(Rate::HalfOfMax) => {
-            let mut full = settings.clone();
-            full.kafka.group_id = format!("bench-full-{run_id}");
-            let run = end_to_end(full, actions()?, &events, o, None, &mut sink).await?;
-            eprintln!(
-                "  end-to-end at full speed: {:>10.0} events/s",
-                run.events_per_second
-            );
-            Some(run)
+    let mut all = Vec::with_capacity(rounds);
+    for (i, rate_topic) in rate_topics.iter().enumerate() {
+        if rounds > 1 {
+            eprintln!("  round {} of {rounds}", i + 1);
         }
-        _ => None,
-    };
-    let rate = match (o.rate, &full_speed) {
-        (Some(Rate::PerSecond(n)), _) => Some(n),
-        (Some(Rate::HalfOfMax), Some(full)) => Some(((full.events_per_second / 2.0) as u32).max(1)),
-        _ => None,
-    };
-    let mut e2e_settings = settings.clone();
-    e2e_settings.kafka.group_id = format!("bench-e2e-{run_id}");
-    if rate.is_some() {
-        e2e_settings.kafka.input_topic = rate_topic.clone();
+        let id = match rounds {
+            1 => run_id.clone(),
+            _ => format!("{run_id}-{}", i + 1),
+        };
+        let phases = Phases {
+            settings: &settings,
+            events: &events,
+            options: &options,
+            run_id: &id,
+            rate_topic,
+        };
+        all.push(phases.round(o, &actions, &mut sink).await?);
     }
-    let mut end_to_end = end_to_end(e2e_settings, actions()?, &events, o, rate, &mut sink).await?;
-    eprintln!(
-        "  end-to-end:      {:>10.0} events/s",
-        end_to_end.events_per_second
-    );
-    let limit_kafka = kafka_limit(&settings, o.events, &run_id).await?;
-    eprintln!(
-        "  limit B (Kafka): {:>10.0} events/s",
-        limit_kafka.per_second
-    );
-    let kafka_round_trip = kafka_round_trip(&settings, o.events, &run_id).await?;
-    eprintln!(
-        "  Kafka round trip:{:>10.0} events/s",
-        kafka_round_trip.per_second
-    );
-    let (limit_http, parse_render_us) =
-        http_limit(actions()?, options, &events, o.concurrency, &mut sink).await?;
-    eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
-    let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
-    end_to_end.ratio = rate.is_none().then(|| end_to_end.events_per_second / limit);
-    if let Some(full) = &mut full_speed {
-        full.ratio = Some(full.events_per_second / limit);
-    }
-    // The simple mix has no invalid event and a sink that always answers 200:
-    // anything but `ok` for every event is a fault, not a figure.
-    if o.mix == Mix::Simple {
-        for run in std::iter::once(&end_to_end).chain(&full_speed) {
-            let ok = run.outcomes.get("ok").copied().unwrap_or(0);
-            anyhow::ensure!(
-                ok == o.events,
-                "end-to-end: {ok} of {} events ok; outcomes {:?}",
-                o.events,
-                run.outcomes
-            );
-        }
-    }
+    let rounds_figures: Vec<RoundFigures> = all.iter().map(RoundFigures::of).collect();
+    let shown = median_round(&rounds_figures);
+    // The first round's end-to-end phase ran on a fresh process: later ones
+    // also hold what earlier rounds left (the result records in the mock
+    // broker, memory the allocator keeps).
+    let first_peak_rss = all[0].end_to_end.peak_rss_mib;
+    let Round {
+        full_speed,
+        mut end_to_end,
+        limit_kafka,
+        kafka_round_trip,
+        limit_http,
+        parse_render_us,
+        rate,
+    } = all.swap_remove(shown);
+    end_to_end.peak_rss_mib = first_peak_rss;
+    let rate_topic = &rate_topics[shown];
     // Stopped here unless --hold keeps it.
     let sink = o.hold.then_some(sink);
 
@@ -485,6 +477,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         kafka_round_trip,
         end_to_end,
         parse_render_us,
+        shown_round: shown + 1,
+        rounds: rounds_figures,
     };
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -492,7 +486,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     }
     let held = o.hold.then(|| {
         let ca = certificates.as_ref().map(|c| c.ca.as_path());
-        let description = held_description(&settings, &rate_topic, &report, &base, ca);
+        let description = held_description(&settings, rate_topic, &report, &base, ca);
         Held {
             _cluster: cluster,
             _sink: sink,
@@ -501,6 +495,177 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         }
     });
     Ok((report, held))
+}
+
+/// What one round measured: the phases, in the order they ran.
+struct Round {
+    /// With `--rate half`: end-to-end at full speed, before the rated run.
+    full_speed: Option<EndToEnd>,
+    end_to_end: EndToEnd,
+    limit_kafka: Limit,
+    kafka_round_trip: Limit,
+    limit_http: Limit,
+    parse_render_us: f64,
+    /// The rate the end-to-end events were produced at.
+    rate: Option<u32>,
+}
+
+/// What every round shares.
+struct Phases<'a> {
+    settings: &'a Settings,
+    events: &'a [(String, Vec<u8>)],
+    options: &'a DispatchOptions,
+    /// Names this round's consumer groups.
+    run_id: &'a str,
+    /// Where this round's events go at `--rate`.
+    rate_topic: &'a str,
+}
+
+impl Phases<'_> {
+    /// The phases of one round: end-to-end (at full speed first with
+    /// `--rate half`), limit B, the Kafka round trip, limit A; the ratio
+    /// is this round's end-to-end over this round's limits.
+    async fn round(
+        &self,
+        o: &BenchOptions,
+        actions: &impl Fn() -> anyhow::Result<Arc<ActionSet>>,
+        sink: &mut SinkProcess,
+    ) -> anyhow::Result<Round> {
+        let (settings, events, run_id) = (self.settings, self.events, self.run_id);
+        // End-to-end first, so its memory peak is not inflated by what the
+        // limit phases leave allocated (10 000 sink connections, for one).
+        let mut full_speed = match o.rate {
+            Some(Rate::HalfOfMax) => {
+                let mut full = settings.clone();
+                full.kafka.group_id = format!("bench-full-{run_id}");
+                let run = end_to_end(full, actions()?, events, o, None, sink).await?;
+                eprintln!(
+                    "  end-to-end at full speed: {:>10.0} events/s",
+                    run.events_per_second
+                );
+                Some(run)
+            }
+            _ => None,
+        };
+        let rate = match (o.rate, &full_speed) {
+            (Some(Rate::PerSecond(n)), _) => Some(n),
+            (Some(Rate::HalfOfMax), Some(full)) => {
+                Some(((full.events_per_second / 2.0) as u32).max(1))
+            }
+            _ => None,
+        };
+        let mut e2e_settings = settings.clone();
+        e2e_settings.kafka.group_id = format!("bench-e2e-{run_id}");
+        if rate.is_some() {
+            e2e_settings.kafka.input_topic = self.rate_topic.to_string();
+        }
+        let mut end_to_end = end_to_end(e2e_settings, actions()?, events, o, rate, sink).await?;
+        eprintln!(
+            "  end-to-end:      {:>10.0} events/s",
+            end_to_end.events_per_second
+        );
+        let limit_kafka = kafka_limit(settings, o.events, run_id).await?;
+        eprintln!(
+            "  limit B (Kafka): {:>10.0} events/s",
+            limit_kafka.per_second
+        );
+        let kafka_round_trip = kafka_round_trip(settings, o.events, run_id).await?;
+        eprintln!(
+            "  Kafka round trip:{:>10.0} events/s",
+            kafka_round_trip.per_second
+        );
+        let (limit_http, parse_render_us) = http_limit(
+            actions()?,
+            self.options.clone(),
+            events,
+            o.concurrency,
+            sink,
+        )
+        .await?;
+        eprintln!("  limit A (HTTP):  {:>10.0} calls/s", limit_http.per_second);
+        let limit = limit_http.per_second.min(limit_kafka.per_second).max(1e-9);
+        end_to_end.ratio = rate.is_none().then(|| end_to_end.events_per_second / limit);
+        if let Some(full) = &mut full_speed {
+            full.ratio = Some(full.events_per_second / limit);
+        }
+        // The simple mix has no invalid event and a sink that always
+        // answers 200: anything but `ok` for every event is a fault, not a
+        // figure.
+        if o.mix == Mix::Simple {
+            for run in std::iter::once(&end_to_end).chain(&full_speed) {
+                let ok = run.outcomes.get("ok").copied().unwrap_or(0);
+                anyhow::ensure!(
+                    ok == o.events,
+                    "end-to-end: {ok} of {} events ok; outcomes {:?}",
+                    o.events,
+                    run.outcomes
+                );
+            }
+        }
+        Ok(Round {
+            full_speed,
+            end_to_end,
+            limit_kafka,
+            kafka_round_trip,
+            limit_http,
+            parse_render_us,
+            rate,
+        })
+    }
+}
+
+/// One round's headline figures (the report's phases are those of the
+/// round [`Report::shown_round`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundFigures {
+    pub limit_http_per_second: f64,
+    pub limit_kafka_per_second: f64,
+    /// At full speed (with `--rate half`, the full-speed run).
+    pub end_to_end_per_second: f64,
+    /// end-to-end (at full speed) / min(A, B) of this round.
+    pub ratio: Option<f64>,
+    /// The rated run, with `--rate`.
+    pub rate: Option<u32>,
+    pub rated_per_second: Option<f64>,
+    /// The end-to-end run's added latency (the rated one with `--rate`).
+    pub added_latency_p99_ms: f64,
+    pub peak_rss_mib: f64,
+    /// CPU s per 10 000 events (calls): end-to-end and limit A, this
+    /// process and the sink.
+    pub end_to_end_cpu_seconds_per_10k: f64,
+    pub end_to_end_sink_cpu_seconds_per_10k: f64,
+    pub limit_http_cpu_seconds_per_10k: f64,
+    pub limit_http_sink_cpu_seconds_per_10k: Option<f64>,
+}
+
+impl RoundFigures {
+    fn of(r: &Round) -> RoundFigures {
+        let full = r.full_speed.as_ref().unwrap_or(&r.end_to_end);
+        RoundFigures {
+            limit_http_per_second: r.limit_http.per_second,
+            limit_kafka_per_second: r.limit_kafka.per_second,
+            end_to_end_per_second: full.events_per_second,
+            ratio: full.ratio,
+            rate: r.rate,
+            rated_per_second: r.rate.map(|_| r.end_to_end.events_per_second),
+            added_latency_p99_ms: r.end_to_end.added_latency_ms.p99,
+            peak_rss_mib: r.end_to_end.peak_rss_mib,
+            end_to_end_cpu_seconds_per_10k: full.cpu_seconds_per_10k,
+            end_to_end_sink_cpu_seconds_per_10k: full.sink_cpu_seconds_per_10k,
+            limit_http_cpu_seconds_per_10k: r.limit_http.cpu_seconds_per_10k,
+            limit_http_sink_cpu_seconds_per_10k: r.limit_http.sink_cpu_seconds_per_10k,
+        }
+    }
+}
+
+/// The round whose phases the report shows (0-based): the one with the
+/// median ratio, or with `--rate N` (no ratio) the median added p99; of
+/// an even count, the lower of the middle two.
+fn median_round(rounds: &[RoundFigures]) -> usize {
+    let key = |r: &RoundFigures| r.ratio.unwrap_or(r.added_latency_p99_ms);
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| key(&rounds[a]).total_cmp(&key(&rounds[b])));
+    order[(rounds.len().max(1) - 1) / 2]
 }
 
 /// What `--hold` prints: where the topics and the sink are, and what the
@@ -1558,6 +1723,9 @@ pub fn table(r: &Report) -> String {
         None => out
             .push_str("\nratio end-to-end / min(A, B): not measured (the events came at --rate)\n"),
     }
+    if r.rounds.len() > 1 {
+        out.push_str(&rounds_summary(r));
+    }
     let full = r.full_speed.as_ref().unwrap_or(e);
     if let (Some(bound), Some(sink_a)) = (r.cpu_bound_ratio, r.limit_http.sink_cpu_seconds_per_10k)
     {
@@ -1614,9 +1782,54 @@ pub fn table(r: &Report) -> String {
         &e.acked_latency_ms,
     ));
     out.push_str(&format!(
-        "peak RSS {:.1} MiB   CPU {:.2} s per 10 000 events   outcomes {:?}\n",
-        e.peak_rss_mib, e.cpu_seconds_per_10k, e.outcomes
+        "peak RSS {:.1} MiB{}   CPU {:.2} s per 10 000 events   outcomes {:?}\n",
+        e.peak_rss_mib,
+        if r.rounds.len() > 1 { " (round 1)" } else { "" },
+        e.cpu_seconds_per_10k,
+        e.outcomes
     ));
+    out
+}
+
+/// Which round the table shows, and every round's ratio (or p99) and
+/// limits, in the order they ran.
+fn rounds_summary(r: &Report) -> String {
+    let n = r.rounds.len();
+    let list =
+        |f: &dyn Fn(&RoundFigures) -> String| r.rounds.iter().map(f).collect::<Vec<_>>().join("  ");
+    let ratios: Vec<f64> = r.rounds.iter().filter_map(|x| x.ratio).collect();
+    let headline = if ratios.len() == n {
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!(
+            "the phases above are round {} of {n}, the median ratio; every round's ratio: {}  (spread {lo:.2}–{hi:.2})\n",
+            r.shown_round,
+            list(&|x| format!("{:.2}", x.ratio.unwrap_or_default()))
+        )
+    } else {
+        format!(
+            "the phases above are round {} of {n}, the median p99; every round's added p99: {} ms\n",
+            r.shown_round,
+            list(&|x| format!("{:.2}", x.added_latency_p99_ms))
+        )
+    };
+    let mut out = format!("  {headline}");
+    out.push_str(&format!(
+        "  limit A, calls/s: {}\n  end-to-end, events/s: {}\n",
+        list(&|x| format!("{:.0}", x.limit_http_per_second)),
+        list(&|x| format!("{:.0}", x.end_to_end_per_second))
+    ));
+    if r.rate.is_some() {
+        out.push_str(&format!(
+            "  at the rate, events/s and added p99: {}\n",
+            list(&|x| format!(
+                "{:.0} ({:.2} ms)",
+                x.rated_per_second.unwrap_or_default(),
+                x.added_latency_p99_ms
+            ))
+        ));
+    }
     out
 }
 
@@ -1640,6 +1853,7 @@ mod tests {
             bulkhead: None,
             json: None,
             hold: false,
+            rounds: 1,
         }
     }
 
@@ -1779,6 +1993,32 @@ mod tests {
             steal: 0.0,
         });
         assert!(necessary_work_ratio(&http, &round_trip, 4.0).is_none());
+    }
+
+    #[test]
+    fn the_round_shown_is_the_median_by_ratio_or_else_by_p99() {
+        let round = |ratio: Option<f64>, p99: f64| RoundFigures {
+            limit_http_per_second: 1.0,
+            limit_kafka_per_second: 1.0,
+            end_to_end_per_second: 1.0,
+            ratio,
+            rate: None,
+            rated_per_second: None,
+            added_latency_p99_ms: p99,
+            peak_rss_mib: 1.0,
+            end_to_end_cpu_seconds_per_10k: 1.0,
+            end_to_end_sink_cpu_seconds_per_10k: 1.0,
+            limit_http_cpu_seconds_per_10k: 1.0,
+            limit_http_sink_cpu_seconds_per_10k: None,
+        };
+        let by_ratio = [0.7, 0.5, 0.6].map(|r| round(Some(r), 0.0));
+        assert_eq!(median_round(&by_ratio), 2);
+        // Of an even count, the lower of the middle two.
+        let four = [0.9, 0.5, 0.8, 0.6].map(|r| round(Some(r), 0.0));
+        assert_eq!(median_round(&four), 3);
+        let by_p99 = [3.0, 9.0, 1.0].map(|p| round(None, p));
+        assert_eq!(median_round(&by_p99), 0);
+        assert_eq!(median_round(&[round(None, 1.0)]), 0);
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         bulkhead: args.max_concurrency,
         json: args.json.clone(),
         hold: args.hold,
+        rounds: usize::from(args.rounds),
     };
     anyhow::ensure!(options.events > 0, "--events must be at least 1");
     if let Some(path) = &options.json {

@@ -61,8 +61,10 @@ pub enum Command {
     /// Starts an HTTP sink in a process of its own, sends it uncounted warm-up calls, then runs on
     /// the same events: the end-to-end worker (events/s, latency, peak RSS, CPU), limit B (Kafka
     /// consume alone), the Kafka round trip, and limit A (the worker's HTTP client alone, at the
-    /// same concurrency). Prints a table and the ratio end-to-end / min(A, B); `--json FILE` writes
-    /// the same figures. See BENCHMARKS.md.
+    /// same concurrency). Prints a table and the ratio end-to-end / min(A, B), this process's CPU
+    /// by kind of thread (runtime, Kafka clients, mock broker), and, when both phases are
+    /// CPU-bound, what an event costs beyond limit A's call against what a ratio of 0.85 allows;
+    /// `--json FILE` writes the same figures. See BENCHMARKS.md.
     Bench(BenchArgs),
     /// The benchmark's HTTP sink (started by `bench` in a process of its own)
     #[command(hide = true)]
@@ -131,6 +133,11 @@ pub struct BenchArgs {
     /// Partitions of the bench topics
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
+    /// Run the phases this many times, one round after another on the same events, sink and
+    /// broker; the table shows the round with the median ratio (or, at `--rate N`, the median
+    /// p99), every round's ratio and limits beside it, and the first round's peak RSS
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub rounds: u16,
     /// Also write the figures as JSON
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
