@@ -136,8 +136,8 @@ pub struct Limit {
     /// Share of the machine's CPU time that was busy during the phase, and
     /// the share the hypervisor took (steal), from `/proc/stat`.
     pub machine: Option<MachineLoad>,
-    /// This process's CPU by kind of thread, µs per operation (limit A and
-    /// the Kafka round trip).
+    /// This process's CPU by kind of thread, µs per operation (limit A,
+    /// limit B and the Kafka round trip).
     pub cpu_by_thread_us: Option<ByThread>,
 }
 
@@ -245,8 +245,9 @@ pub struct Report {
     /// limit A's calls, by kind of thread.
     pub beyond_the_call: Option<BeyondTheCall>,
     /// Which round (1-based) the phases above are from: the one with the
-    /// median ratio (see [`RoundFigures`]). Its end-to-end peak RSS is the
-    /// first round's, measured on a fresh process.
+    /// median ratio, or at `--rate N` the median added p99 (see
+    /// [`median_round`]). Their peak RSS is the first round's, which ran
+    /// first.
     pub shown_round: usize,
     /// Every round's headline figures, in the order they ran.
     pub rounds: Vec<RoundFigures>,
@@ -260,6 +261,9 @@ pub struct Report {
 pub struct BeyondTheCall {
     /// Limit A's call, this process and the sink.
     pub call_us: f64,
+    /// The event's CPU (this process and the sink) minus the call's:
+    /// the sum of the four parts below.
+    pub total_us: f64,
     /// The most an event may cost beyond the call for a ratio of 0.85,
     /// both phases being CPU-bound: `call_us / 0.85 - call_us`.
     pub allowed_for_085_us: f64,
@@ -270,6 +274,8 @@ pub struct BeyondTheCall {
     pub kafka_us: f64,
     /// The sink's CPU beyond what it spent per call of limit A.
     pub sink_us: f64,
+    /// The rest of `total_us`: other threads, and what the per-thread
+    /// readings and the process's total disagree on.
     pub other_us: f64,
 }
 
@@ -281,14 +287,20 @@ fn beyond_the_call(http: &Limit, e2e: &EndToEnd) -> Option<BeyondTheCall> {
     let e = e2e.cpu_by_thread_us;
     // s per 10 000 → µs per call or event.
     let sink_a = http.sink_cpu_seconds_per_10k? * 100.0;
+    let sink_e = e2e.sink_cpu_seconds_per_10k * 100.0;
     let call_us = http.cpu_seconds_per_10k * 100.0 + sink_a;
+    let total_us = e2e.cpu_seconds_per_10k * 100.0 + sink_e - call_us;
+    let runtime_us = e.runtime - a.runtime;
+    let kafka_us = e.kafka_clients + e.mock_broker - a.kafka_clients - a.mock_broker;
+    let sink_us = sink_e - sink_a;
     Some(BeyondTheCall {
         call_us,
+        total_us,
         allowed_for_085_us: call_us / TARGET_RATIO - call_us,
-        runtime_us: e.runtime - a.runtime,
-        kafka_us: e.kafka_clients + e.mock_broker - a.kafka_clients - a.mock_broker,
-        sink_us: e2e.sink_cpu_seconds_per_10k * 100.0 - sink_a,
-        other_us: e.other - a.other,
+        runtime_us,
+        kafka_us,
+        sink_us,
+        other_us: total_us - runtime_us - kafka_us - sink_us,
     })
 }
 
@@ -427,12 +439,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     }
     let rounds_figures: Vec<RoundFigures> = all.iter().map(RoundFigures::of).collect();
     let shown = median_round(&rounds_figures);
-    // The first round's end-to-end phase ran on a fresh process: later ones
-    // also hold what earlier rounds left (the result records in the mock
-    // broker, memory the allocator keeps).
-    let first_peak_rss = all[0].end_to_end.peak_rss_mib;
+    // The first round's phases ran first: later rounds also hold what
+    // earlier ones left (the result records in the mock broker, memory the
+    // allocators keep). Its peak RSS is the one reported.
+    let first_peak_rss = (
+        all[0].end_to_end.peak_rss_mib,
+        all[0].full_speed.as_ref().map(|f| f.peak_rss_mib),
+    );
     let Round {
-        full_speed,
+        mut full_speed,
         mut end_to_end,
         limit_kafka,
         kafka_round_trip,
@@ -440,7 +455,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         parse_render_us,
         rate,
     } = all.swap_remove(shown);
-    end_to_end.peak_rss_mib = first_peak_rss;
+    end_to_end.peak_rss_mib = first_peak_rss.0;
+    if let (Some(full), Some(rss)) = (&mut full_speed, first_peak_rss.1) {
+        full.peak_rss_mib = rss;
+    }
     let rate_topic = &rate_topics[shown];
     // Stopped here unless --hold keeps it.
     let sink = o.hold.then_some(sink);
@@ -659,13 +677,19 @@ impl RoundFigures {
 }
 
 /// The round whose phases the report shows (0-based): the one with the
-/// median ratio, or with `--rate N` (no ratio) the median added p99; of
-/// an even count, the lower of the middle two.
+/// median ratio, or with `--rate N` (no ratio) the median added p99. Of an
+/// even count, the less flattering of the middle two: the lower ratio, the
+/// higher p99.
 fn median_round(rounds: &[RoundFigures]) -> usize {
-    let key = |r: &RoundFigures| r.ratio.unwrap_or(r.added_latency_p99_ms);
+    let by_ratio = rounds.iter().all(|r| r.ratio.is_some());
+    let key = |r: &RoundFigures| match (by_ratio, r.ratio) {
+        (true, Some(ratio)) => ratio,
+        _ => r.added_latency_p99_ms,
+    };
     let mut order: Vec<usize> = (0..rounds.len()).collect();
     order.sort_by(|&a, &b| key(&rounds[a]).total_cmp(&key(&rounds[b])));
-    order[(rounds.len().max(1) - 1) / 2]
+    let n = rounds.len().max(1);
+    order[if by_ratio { (n - 1) / 2 } else { n / 2 }.min(rounds.len().saturating_sub(1))]
 }
 
 /// What `--hold` prints: where the topics and the sink are, and what the
@@ -1104,8 +1128,12 @@ impl Consuming {
             );
             let received = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await;
             if let Ok(Ok(m)) = received {
-                self.started
-                    .get_or_insert_with(|| (Instant::now(), cpu_seconds(), Threads::read()));
+                self.started.get_or_insert_with(|| {
+                    // Read before the clock starts: the phase's time
+                    // should not include reading /proc.
+                    let (cpu, threads) = (cpu_seconds(), Threads::read());
+                    (Instant::now(), cpu, threads)
+                });
                 self.count += 1;
                 return Ok(Some(m));
             }
@@ -1222,16 +1250,23 @@ async fn end_to_end(
     } else {
         Snapshot::take(sink_pid)
     };
+    // The rate producer: its loop on a thread of its own (named, so that
+    // its CPU is counted under `other`, not as the runtime's), and its
+    // producer kept until the phase's CPU is read, so that its librdkafka
+    // threads are always counted with the Kafka clients.
     let mut producing = None;
+    let mut rate_producer = None;
     if let Some(rate) = rate {
         let (brokers, topic, events) = (
             settings.kafka.brokers.clone(),
             settings.kafka.input_topic.clone(),
             events.to_vec(),
         );
-        producing = Some(tokio::task::spawn_blocking(move || {
-            produce_at_rate(brokers, topic, events, rate)
-        }));
+        producing = Some(
+            std::thread::Builder::new()
+                .name(RATE_THREAD.into())
+                .spawn(move || produce_at_rate(brokers, topic, events, rate))?,
+        );
     }
     // Fail instead of hanging when events stop finishing.
     const STALL: Duration = Duration::from_secs(60);
@@ -1246,10 +1281,17 @@ async fn end_to_end(
             task.await??;
             anyhow::bail!("end-to-end: the worker stopped with {done} of {total} events final");
         }
-        if let Some(producer) = producing.take_if(|p| p.is_finished()) {
-            if let Err(e) = producer.await.map_err(anyhow::Error::from).and_then(|r| r) {
-                stop.cancel();
-                return Err(e.context("producing at --rate"));
+        if let Some(thread) = producing.take_if(|p| p.is_finished()) {
+            let produced = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the rate producer panicked"))
+                .and_then(|r| r);
+            match produced {
+                Ok(producer) => rate_producer = Some(producer),
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e.context("producing at --rate"));
+                }
             }
         }
         if done > last_done {
@@ -1262,6 +1304,21 @@ async fn end_to_end(
     }
     let used = before.since();
     let peak_rss_mib = peak_rss_mib();
+    // Dropping a producer joins its polling thread: off the runtime's
+    // threads. Every event is final, so every one was produced: a thread
+    // still running is at most flushing.
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        drop(rate_producer);
+        if let Some(thread) = producing {
+            let producer = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the rate producer panicked"))?
+                .context("producing at --rate")?;
+            drop(producer);
+        }
+        Ok(())
+    })
+    .await??;
     stop.cancel();
     task.await??;
 
@@ -1346,7 +1403,7 @@ fn produce_at_rate(
     topic: String,
     events: Vec<(String, Vec<u8>)>,
     rate: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FutureProducer> {
     // linger.ms 1: a produce request per 1 ms step. With 0 each record was
     // a request of its own, and the producer and the mock broker (both in
     // this process) took so much CPU that at 20 000/s the worker could not
@@ -1383,8 +1440,11 @@ fn produce_at_rate(
         }
     }
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))?;
-    Ok(())
+    Ok(producer)
 }
+
+/// The name of the thread that produces the events at `--rate`.
+const RATE_THREAD: &str = "bench-rate";
 
 fn limit(count: usize, elapsed: Duration) -> Limit {
     let seconds = elapsed.as_secs_f64();
@@ -1695,6 +1755,7 @@ pub fn table(r: &Report) -> String {
     ));
     let mut by_thread = vec![
         ("limit A", r.limit_http.cpu_by_thread_us),
+        ("limit B", r.limit_kafka.cpu_by_thread_us),
         ("Kafka round trip", r.kafka_round_trip.cpu_by_thread_us),
     ];
     if let Some(full) = &r.full_speed {
@@ -1737,10 +1798,10 @@ pub fn table(r: &Report) -> String {
     }
     if let Some(b) = &r.beyond_the_call {
         out.push_str(&format!(
-            "  an event cost {:.1} µs of CPU more than A's call ({:.1} with the sink); a ratio of {TARGET_RATIO} allows {:.1}:\n  \
-             runtime threads {:+.1} (parsing, rendering, the worker's tasks), Kafka clients and broker {:+.1},\n  \
-             the sink {:+.1}, other {:+.1}\n",
-            b.runtime_us + b.kafka_us + b.sink_us + b.other_us,
+            "  an event cost {:.1} µs of CPU (this process and the sink) more than one of A's calls, which\n  \
+             cost {:.1}; a ratio of {TARGET_RATIO} allows {:.1}: runtime threads {:+.1} (parsing, rendering,\n  \
+             the worker's tasks), Kafka clients and broker {:+.1}, the sink {:+.1}, other {:+.1}\n",
+            b.total_us,
             b.call_us,
             b.allowed_for_085_us,
             b.runtime_us,
@@ -1816,15 +1877,22 @@ fn rounds_summary(r: &Report) -> String {
     };
     let mut out = format!("  {headline}");
     out.push_str(&format!(
-        "  limit A, calls/s: {}\n  end-to-end, events/s: {}\n",
-        list(&|x| format!("{:.0}", x.limit_http_per_second)),
-        list(&|x| format!("{:.0}", x.end_to_end_per_second))
+        "  limit A, calls/s: {}\n",
+        list(&|x| format!("{:.0}", x.limit_http_per_second))
     ));
+    // At --rate N the end-to-end throughput is the rate's (next line).
+    if r.rate.is_none() || r.full_speed.is_some() {
+        out.push_str(&format!(
+            "  end-to-end at full speed, events/s: {}\n",
+            list(&|x| format!("{:.0}", x.end_to_end_per_second))
+        ));
+    }
     if r.rate.is_some() {
         out.push_str(&format!(
-            "  at the rate, events/s and added p99: {}\n",
+            "  at the rate: rate, events/s and added p99: {}\n",
             list(&|x| format!(
-                "{:.0} ({:.2} ms)",
+                "{}/s {:.0} ({:.2} ms)",
+                x.rate.unwrap_or_default(),
                 x.rated_per_second.unwrap_or_default(),
                 x.added_latency_p99_ms
             ))
@@ -1963,6 +2031,7 @@ mod tests {
         };
         let b = beyond_the_call(&http, &event).unwrap();
         assert!((b.call_us - 30.0).abs() < 1e-9, "{b:?}");
+        assert!((b.total_us - 30.0).abs() < 1e-9, "{b:?}");
         assert!((b.allowed_for_085_us - (30.0 / 0.85 - 30.0)).abs() < 1e-9);
         assert!((b.runtime_us - 21.5).abs() < 1e-9, "{b:?}");
         assert!((b.kafka_us - 8.5).abs() < 1e-9, "{b:?}");
@@ -1972,6 +2041,13 @@ mod tests {
             (sum - 30.0).abs() < 1e-9,
             "the parts add up to the difference: {b:?}"
         );
+        // Per-thread readings that add up to more than the process's total
+        // (schedstat lags, `other` is never negative) leave the difference
+        // itself alone: `other` is what remains of it.
+        event.cpu_by_thread_us.other = 1.5;
+        let b = beyond_the_call(&http, &event).unwrap();
+        assert!((b.total_us - 30.0).abs() < 1e-9, "{b:?}");
+        assert!(b.other_us.abs() < 1e-9, "{b:?}");
     }
 
     #[test]
@@ -2018,6 +2094,9 @@ mod tests {
         assert_eq!(median_round(&four), 3);
         let by_p99 = [3.0, 9.0, 1.0].map(|p| round(None, p));
         assert_eq!(median_round(&by_p99), 0);
+        // Of an even count, the higher p99 of the middle two.
+        let two = [3.0, 2.0].map(|p| round(None, p));
+        assert_eq!(median_round(&two), 0);
         assert_eq!(median_round(&[round(None, 1.0)]), 0);
     }
 
