@@ -245,7 +245,7 @@ pub struct Report {
     /// limit A's calls, by kind of thread.
     pub beyond_the_call: Option<BeyondTheCall>,
     /// Which round (1-based) the phases above are from: the one with the
-    /// median ratio, or at `--rate N` the median added p99 (see
+    /// median ratio, or with `--rate` the median added p99 (see
     /// [`median_round`]). Their peak RSS is the first round's, which ran
     /// first.
     pub shown_round: usize,
@@ -677,11 +677,11 @@ impl RoundFigures {
 }
 
 /// The round whose phases the report shows (0-based): the one with the
-/// median ratio, or with `--rate N` (no ratio) the median added p99. Of an
-/// even count, the less flattering of the middle two: the lower ratio, the
-/// higher p99.
+/// median ratio, or with `--rate` (what such a run is for is the latency at
+/// the rate) the median added p99. Of an even count, the less flattering of
+/// the middle two: the lower ratio, the higher p99.
 fn median_round(rounds: &[RoundFigures]) -> usize {
-    let by_ratio = rounds.iter().all(|r| r.ratio.is_some());
+    let by_ratio = rounds.iter().all(|r| r.ratio.is_some() && r.rate.is_none());
     let key = |r: &RoundFigures| match (by_ratio, r.ratio) {
         (true, Some(ratio)) => ratio,
         _ => r.added_latency_p99_ms,
@@ -1859,7 +1859,7 @@ fn rounds_summary(r: &Report) -> String {
     let list =
         |f: &dyn Fn(&RoundFigures) -> String| r.rounds.iter().map(f).collect::<Vec<_>>().join("  ");
     let ratios: Vec<f64> = r.rounds.iter().filter_map(|x| x.ratio).collect();
-    let headline = if ratios.len() == n {
+    let headline = if r.rate.is_none() && ratios.len() == n {
         let (lo, hi) = ratios
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
@@ -1885,6 +1885,12 @@ fn rounds_summary(r: &Report) -> String {
         out.push_str(&format!(
             "  end-to-end at full speed, events/s: {}\n",
             list(&|x| format!("{:.0}", x.end_to_end_per_second))
+        ));
+    }
+    if r.rate.is_some() && ratios.len() == n {
+        out.push_str(&format!(
+            "  ratio at full speed: {}\n",
+            list(&|x| format!("{:.2}", x.ratio.unwrap_or_default()))
         ));
     }
     if r.rate.is_some() {
@@ -2094,6 +2100,13 @@ mod tests {
         assert_eq!(median_round(&four), 3);
         let by_p99 = [3.0, 9.0, 1.0].map(|p| round(None, p));
         assert_eq!(median_round(&by_p99), 0);
+        // With --rate half every round has a ratio (at full speed), but
+        // the run is about the latency at the rate.
+        let half = [(0.5, 9.0), (0.7, 1.0), (0.6, 4.0)].map(|(ratio, p99)| RoundFigures {
+            rate: Some(1000),
+            ..round(Some(ratio), p99)
+        });
+        assert_eq!(median_round(&half), 2);
         // Of an even count, the higher p99 of the middle two.
         let two = [3.0, 2.0].map(|p| round(None, p));
         assert_eq!(median_round(&two), 0);

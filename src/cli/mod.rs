@@ -134,7 +134,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
     /// Run the phases this many times, one round after another on the same events, sink and
-    /// broker; the table shows the round with the median ratio (or, at `--rate N`, the median
+    /// broker; the table shows the round with the median ratio (or, with `--rate`, the median
     /// p99), every round's ratio, limit A and end-to-end beside it, and the first round's peak RSS
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub rounds: u16,
