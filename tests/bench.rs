@@ -184,7 +184,6 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
     ] {
         let by = ["runtime", "kafka_clients", "mock_broker", "other"]
             .map(|kind| number(&report, &format!("{phase}.cpu_by_thread_us.{kind}")));
-        assert!(by.iter().all(|us| *us >= 0.0), "{phase}: {by:?}");
         let per_10k = number(&report, &format!("{phase}.cpu_seconds_per_10k"));
         let sum_per_10k = by.iter().sum::<f64>() / 100.0;
         assert!(

@@ -835,6 +835,7 @@ fn usage_errors_exit_2() {
         &["bench", "--ordering", "random"][..],
         &["bench", "--rate", "fast"][..],
         &["bench", "--rate", "0"][..],
+        &["bench", "--rounds", "0"][..],
     ] {
         let run = run(args);
         assert_eq!(run.code, 2, "{args:?}: {run:#?}");

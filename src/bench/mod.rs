@@ -285,14 +285,11 @@ const TARGET_RATIO: f64 = 0.85;
 fn beyond_the_call(http: &Limit, e2e: &EndToEnd) -> Option<BeyondTheCall> {
     let a = http.cpu_by_thread_us?;
     let e = e2e.cpu_by_thread_us;
-    // s per 10 000 → µs per call or event.
-    let sink_a = http.sink_cpu_seconds_per_10k? * 100.0;
-    let sink_e = e2e.sink_cpu_seconds_per_10k * 100.0;
-    let call_us = http.cpu_seconds_per_10k * 100.0 + sink_a;
-    let total_us = e2e.cpu_seconds_per_10k * 100.0 + sink_e - call_us;
+    let call_us = http.with_sink_us()?;
+    let total_us = e2e.with_sink_us() - call_us;
     let runtime_us = e.runtime - a.runtime;
     let kafka_us = e.kafka_clients + e.mock_broker - a.kafka_clients - a.mock_broker;
-    let sink_us = sink_e - sink_a;
+    let sink_us = (e2e.sink_cpu_seconds_per_10k - http.sink_cpu_seconds_per_10k?) * US_PER_10K;
     Some(BeyondTheCall {
         call_us,
         total_us,
@@ -314,20 +311,16 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     settings.kafka.results_topic = format!("bench.results.{run_id}");
     settings.kafka.dlq_topic = format!("bench.dlq.{run_id}");
     let rounds = o.rounds.max(1);
-    // A round at --rate produces its events anew, into a topic of its own.
-    let rate_topics: Vec<String> = (1..=rounds)
-        .map(|i| match rounds {
-            1 => format!("bench.rated.{run_id}"),
-            _ => format!("bench.rated.{run_id}.{i}"),
-        })
-        .collect();
+    // Each round names its consumer groups and, at --rate, the topic its
+    // events are produced into anew.
+    let round_ids: Vec<String> = (1..=rounds).map(|i| format!("{run_id}.{i}")).collect();
     let mut topics = vec![
-        &settings.kafka.input_topic,
-        &settings.kafka.results_topic,
-        &settings.kafka.dlq_topic,
+        settings.kafka.input_topic.clone(),
+        settings.kafka.results_topic.clone(),
+        settings.kafka.dlq_topic.clone(),
     ];
     if o.rate.is_some() {
-        topics.extend(&rate_topics);
+        topics.extend(round_ids.iter().map(|id| rate_topic(id)));
     }
     let cluster = match &o.brokers {
         None => {
@@ -420,20 +413,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     .await?;
     let warm_up_connections = sink.connections()? - connections_before;
     let mut all = Vec::with_capacity(rounds);
-    for (i, rate_topic) in rate_topics.iter().enumerate() {
+    for (i, round_id) in round_ids.iter().enumerate() {
         if rounds > 1 {
             eprintln!("  round {} of {rounds}", i + 1);
         }
-        let id = match rounds {
-            1 => run_id.clone(),
-            _ => format!("{run_id}-{}", i + 1),
-        };
         let phases = Phases {
             settings: &settings,
             events: &events,
             options: &options,
-            run_id: &id,
-            rate_topic,
+            round_id,
         };
         all.push(phases.round(o, &actions, &mut sink).await?);
     }
@@ -442,10 +430,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     // The first round's phases ran first: later rounds also hold what
     // earlier ones left (the result records in the mock broker, memory the
     // allocators keep). Its peak RSS is the one reported.
-    let first_peak_rss = (
-        all[0].end_to_end.peak_rss_mib,
-        all[0].full_speed.as_ref().map(|f| f.peak_rss_mib),
-    );
+    let first_rss = all[0].end_to_end.peak_rss_mib;
+    let first_full_rss = all[0].full_speed.as_ref().map(|f| f.peak_rss_mib);
     let Round {
         mut full_speed,
         mut end_to_end,
@@ -455,11 +441,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         parse_render_us,
         rate,
     } = all.swap_remove(shown);
-    end_to_end.peak_rss_mib = first_peak_rss.0;
-    if let (Some(full), Some(rss)) = (&mut full_speed, first_peak_rss.1) {
+    end_to_end.peak_rss_mib = first_rss;
+    if let (Some(full), Some(rss)) = (&mut full_speed, first_full_rss) {
         full.peak_rss_mib = rss;
     }
-    let rate_topic = &rate_topics[shown];
     // Stopped here unless --hold keeps it.
     let sink = o.hold.then_some(sink);
 
@@ -504,7 +489,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
     }
     let held = o.hold.then(|| {
         let ca = certificates.as_ref().map(|c| c.ca.as_path());
-        let description = held_description(&settings, rate_topic, &report, &base, ca);
+        let rated = rate_topic(&round_ids[shown]);
+        let description = held_description(&settings, &rated, &report, &base, ca);
         Held {
             _cluster: cluster,
             _sink: sink,
@@ -528,15 +514,18 @@ struct Round {
     rate: Option<u32>,
 }
 
-/// What every round shares.
+/// Where a round's events are produced at `--rate`.
+fn rate_topic(round_id: &str) -> String {
+    format!("bench.rated.{round_id}")
+}
+
+/// What a round runs on.
 struct Phases<'a> {
     settings: &'a Settings,
     events: &'a [(String, Vec<u8>)],
     options: &'a DispatchOptions,
-    /// Names this round's consumer groups.
-    run_id: &'a str,
-    /// Where this round's events go at `--rate`.
-    rate_topic: &'a str,
+    /// Names this round's consumer groups and its `--rate` topic.
+    round_id: &'a str,
 }
 
 impl Phases<'_> {
@@ -549,7 +538,7 @@ impl Phases<'_> {
         actions: &impl Fn() -> anyhow::Result<Arc<ActionSet>>,
         sink: &mut SinkProcess,
     ) -> anyhow::Result<Round> {
-        let (settings, events, run_id) = (self.settings, self.events, self.run_id);
+        let (settings, events, run_id) = (self.settings, self.events, self.round_id);
         // End-to-end first, so its memory peak is not inflated by what the
         // limit phases leave allocated (10 000 sink connections, for one).
         let mut full_speed = match o.rate {
@@ -575,7 +564,7 @@ impl Phases<'_> {
         let mut e2e_settings = settings.clone();
         e2e_settings.kafka.group_id = format!("bench-e2e-{run_id}");
         if rate.is_some() {
-            e2e_settings.kafka.input_topic = self.rate_topic.to_string();
+            e2e_settings.kafka.input_topic = rate_topic(run_id);
         }
         let mut end_to_end = end_to_end(e2e_settings, actions()?, events, o, rate, sink).await?;
         eprintln!(
@@ -680,16 +669,23 @@ impl RoundFigures {
 /// median ratio, or with `--rate` (what such a run is for is the latency at
 /// the rate) the median added p99. Of an even count, the less flattering of
 /// the middle two: the lower ratio, the higher p99.
+/// `rounds` is never empty.
 fn median_round(rounds: &[RoundFigures]) -> usize {
-    let by_ratio = rounds.iter().all(|r| r.ratio.is_some() && r.rate.is_none());
-    let key = |r: &RoundFigures| match (by_ratio, r.ratio) {
-        (true, Some(ratio)) => ratio,
+    let by_ratio = ranked_by_ratio(rounds);
+    let key = |r: &RoundFigures| match r.ratio {
+        Some(ratio) if by_ratio => ratio,
         _ => r.added_latency_p99_ms,
     };
     let mut order: Vec<usize> = (0..rounds.len()).collect();
     order.sort_by(|&a, &b| key(&rounds[a]).total_cmp(&key(&rounds[b])));
-    let n = rounds.len().max(1);
-    order[if by_ratio { (n - 1) / 2 } else { n / 2 }.min(rounds.len().saturating_sub(1))]
+    let n = rounds.len();
+    order[if by_ratio { (n - 1) / 2 } else { n / 2 }]
+}
+
+/// Whether the rounds are ranked by their ratio (no `--rate`), else by
+/// their added p99.
+fn ranked_by_ratio(rounds: &[RoundFigures]) -> bool {
+    rounds.iter().all(|r| r.rate.is_none() && r.ratio.is_some())
 }
 
 /// What `--hold` prints: where the topics and the sink are, and what the
@@ -748,9 +744,8 @@ fn necessary_work(http: &Limit, round_trip: &Limit, parse_render_us: f64) -> Opt
     if busy.busy + busy.steal < CPU_BOUND {
         return None;
     }
-    // s per 10 000 → µs per event.
-    let call = (http.cpu_seconds_per_10k + http.sink_cpu_seconds_per_10k?) * 100.0;
-    let round_trip = round_trip.cpu_seconds_per_10k * 100.0;
+    let call = http.with_sink_us()?;
+    let round_trip = round_trip.cpu_seconds_per_10k * US_PER_10K;
     let all = call + round_trip + parse_render_us;
     (all > 0.0).then(|| NecessaryWork {
         call,
@@ -772,9 +767,25 @@ fn cpu_bound_ratio(http: &Limit, e2e: &EndToEnd) -> Option<f64> {
     if e2e.ratio.is_none() || a.busy + a.steal < CPU_BOUND || e.busy + e.steal < CPU_BOUND {
         return None;
     }
-    let call = http.cpu_seconds_per_10k + http.sink_cpu_seconds_per_10k?;
-    let event = e2e.cpu_seconds_per_10k + e2e.sink_cpu_seconds_per_10k;
+    let (call, event) = (http.with_sink_us()?, e2e.with_sink_us());
     (event > 0.0).then(|| call / event)
+}
+
+/// CPU seconds per 10 000 operations → µs per operation.
+const US_PER_10K: f64 = 100.0;
+
+impl Limit {
+    /// CPU per call, this process's and the sink's, µs (limit A only).
+    fn with_sink_us(&self) -> Option<f64> {
+        Some((self.cpu_seconds_per_10k + self.sink_cpu_seconds_per_10k?) * US_PER_10K)
+    }
+}
+
+impl EndToEnd {
+    /// CPU per event, this process's and the sink's, µs.
+    fn with_sink_us(&self) -> f64 {
+        (self.cpu_seconds_per_10k + self.sink_cpu_seconds_per_10k) * US_PER_10K
+    }
 }
 
 /// The consumer's `fetch.wait.max.ms` on the mock cluster with `--rate`,
@@ -1096,9 +1107,8 @@ struct Consuming {
     consumer: StreamConsumer,
     total: usize,
     count: usize,
-    /// When the first event came, and this process's CPU time then (in
-    /// all, and by thread).
-    started: Option<(Instant, f64, Threads)>,
+    /// When the first event came, and this process's CPU then.
+    started: Option<(Instant, OwnCpu)>,
     deadline: Instant,
 }
 
@@ -1131,8 +1141,8 @@ impl Consuming {
                 self.started.get_or_insert_with(|| {
                     // Read before the clock starts: the phase's time
                     // should not include reading /proc.
-                    let (cpu, threads) = (cpu_seconds(), Threads::read());
-                    (Instant::now(), cpu, threads)
+                    let cpu = OwnCpu::take();
+                    (Instant::now(), cpu)
                 });
                 self.count += 1;
                 return Ok(Some(m));
@@ -1143,13 +1153,13 @@ impl Consuming {
 
     /// Events per second and CPU per 10 000, from the first event consumed.
     fn measured(&self) -> Limit {
-        let Some((at, cpu, threads)) = &self.started else {
+        let Some((at, cpu)) = &self.started else {
             return limit(0, Duration::ZERO);
         };
-        let (elapsed, cpu) = (at.elapsed(), cpu_seconds() - cpu);
+        let elapsed = at.elapsed();
+        let (cpu, by_thread) = cpu.since();
         let mut measured = limit(self.count, elapsed);
         measured.cpu_seconds_per_10k = per_10k(cpu, self.count);
-        let by_thread = threads.until(&Threads::read(), cpu);
         measured.cpu_by_thread_us = Some(by_thread.per_op(self.count));
         measured
     }
@@ -1487,11 +1497,32 @@ pub fn percentiles(sorted_ms: &[f64], minus: f64) -> Percentiles {
 /// CPU time of this process, of the sink and of the whole machine at one
 /// moment; [`Snapshot::since`] gives what a phase used.
 struct Snapshot {
-    own: f64,
+    own: OwnCpu,
     sink: f64,
     sink_pid: u32,
     machine: Option<ProcStat>,
+}
+
+/// This process's CPU at one moment, in all and by thread.
+struct OwnCpu {
+    seconds: f64,
     threads: Threads,
+}
+
+impl OwnCpu {
+    fn take() -> OwnCpu {
+        OwnCpu {
+            seconds: cpu_seconds(),
+            threads: Threads::read(),
+        }
+    }
+
+    /// CPU seconds since `self`, in all and by kind of thread.
+    fn since(&self) -> (f64, ByThread) {
+        let now = OwnCpu::take();
+        let seconds = now.seconds - self.seconds;
+        (seconds, self.threads.until(&now.threads, seconds))
+    }
 }
 
 /// What a phase used, from two [`Snapshot`]s.
@@ -1506,17 +1537,17 @@ struct Usage {
 impl Snapshot {
     fn take(sink_pid: u32) -> Snapshot {
         Snapshot {
-            own: cpu_seconds(),
+            own: OwnCpu::take(),
             sink: process_cpu_seconds(sink_pid).unwrap_or(0.0),
             sink_pid,
             machine: ProcStat::read(),
-            threads: Threads::read(),
         }
     }
 
     fn since(&self) -> Usage {
-        let now = Snapshot::take(self.sink_pid);
-        let machine = match (&self.machine, &now.machine) {
+        let (own, threads) = self.own.since();
+        let sink = process_cpu_seconds(self.sink_pid).unwrap_or(0.0);
+        let machine = match (&self.machine, &ProcStat::read()) {
             (Some(a), Some(b)) if b.total > a.total => {
                 let total = (b.total - a.total) as f64;
                 Some(MachineLoad {
@@ -1527,10 +1558,10 @@ impl Snapshot {
             _ => None,
         };
         Usage {
-            own: now.own - self.own,
-            sink: (now.sink - self.sink).max(0.0),
+            own,
+            sink: (sink - self.sink).max(0.0),
             machine,
-            threads: self.threads.until(&now.threads, now.own - self.own),
+            threads,
         }
     }
 }
@@ -1833,15 +1864,24 @@ pub fn table(r: &Report) -> String {
             p.p50, p.p99, p.p999, p.max
         )
     };
-    out.push_str(&row("event latency (consume → outcome):", &e.latency_ms));
-    out.push_str(&row(
-        "added over the sink's own latency:",
-        &e.added_latency_ms,
-    ));
-    out.push_str(&row(
-        "consume → result records acknowledged:",
-        &e.acked_latency_ms,
-    ));
+    if e.latency_events == 0 {
+        // Every event came within the warm-up (a short run at --rate):
+        // percentiles over no event would read as 0 ms.
+        out.push_str(&format!(
+            "no event was consumed after the {:.0} s warm-up: no latency figures (give --events more than the rate)\n",
+            e.warmup_seconds
+        ));
+    } else {
+        out.push_str(&row("event latency (consume → outcome):", &e.latency_ms));
+        out.push_str(&row(
+            "added over the sink's own latency:",
+            &e.added_latency_ms,
+        ));
+        out.push_str(&row(
+            "consume → result records acknowledged:",
+            &e.acked_latency_ms,
+        ));
+    }
     out.push_str(&format!(
         "peak RSS {:.1} MiB{}   CPU {:.2} s per 10 000 events   outcomes {:?}\n",
         e.peak_rss_mib,
@@ -1858,11 +1898,9 @@ fn rounds_summary(r: &Report) -> String {
     let n = r.rounds.len();
     let list =
         |f: &dyn Fn(&RoundFigures) -> String| r.rounds.iter().map(f).collect::<Vec<_>>().join("  ");
-    let ratios: Vec<f64> = r.rounds.iter().filter_map(|x| x.ratio).collect();
-    let headline = if r.rate.is_none() && ratios.len() == n {
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    let headline = if ranked_by_ratio(&r.rounds) {
+        let ratios = r.rounds.iter().filter_map(|x| x.ratio);
+        let (lo, hi) = ratios.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
         format!(
             "the phases above are round {} of {n}, the median ratio; every round's ratio: {}  (spread {lo:.2}–{hi:.2})\n",
             r.shown_round,
@@ -1887,7 +1925,7 @@ fn rounds_summary(r: &Report) -> String {
             list(&|x| format!("{:.0}", x.end_to_end_per_second))
         ));
     }
-    if r.rate.is_some() && ratios.len() == n {
+    if r.full_speed.is_some() {
         out.push_str(&format!(
             "  ratio at full speed: {}\n",
             list(&|x| format!("{:.2}", x.ratio.unwrap_or_default()))

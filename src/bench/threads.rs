@@ -81,8 +81,7 @@ impl Threads {
                 Kind::Other => by.other += seconds,
             }
         }
-        let counted = by.runtime + by.kafka_clients + by.mock_broker + by.other;
-        by.other += (process_seconds - counted).max(0.0);
+        by.other += (process_seconds - by.total()).max(0.0);
         by
     }
 }
