@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::Serialize;
 use serde_json::json;
@@ -34,6 +34,7 @@ use crate::action::{self, ActionSet};
 use crate::dispatch::{ColdStart, DispatchOptions, Dispatcher, OutcomeCode};
 use crate::settings::{Ordering, Settings};
 use crate::telemetry::Metrics;
+use crate::worker::producer::PolledProducer;
 use crate::worker::{Finished, Worker};
 use sink::{Certificates, Latency, Protocol, SinkProcess};
 pub use threads::ByThread;
@@ -1314,7 +1315,7 @@ async fn end_to_end(
     }
     let used = before.since();
     let peak_rss_mib = peak_rss_mib();
-    // Dropping a producer joins its polling thread: off the runtime's
+    // Dropping a producer joins its delivery report thread: off the runtime's
     // threads. Every event is final, so every one was produced: a thread
     // still running is at most flushing.
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -1413,16 +1414,21 @@ fn produce_at_rate(
     topic: String,
     events: Vec<(String, Vec<u8>)>,
     rate: u32,
-) -> anyhow::Result<FutureProducer> {
+) -> anyhow::Result<RateProducer> {
     // linger.ms 1: a produce request per 1 ms step. With 0 each record was
     // a request of its own, and the producer and the mock broker (both in
     // this process) took so much CPU that at 20 000/s the worker could not
     // keep up (12-17k/s, 0.9-1.2 CPU-s per 10k events, p99 60-130 ms;
     // with 1: 20 000/s, 0.62, p99 3.6 ms).
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "1")
-        .create()?;
+    // Its delivery reports are served as the worker's are, by a thread that
+    // sleeps while there are none (rdkafka's own polling thread spins for
+    // ~1 ms of every 100 ms, and its CPU counts in the phase's).
+    let producer = PolledProducer::new(
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "1")
+            .create()?,
+    )?;
     let started = Instant::now();
     let mut sent = 0usize;
     let mut step = 0u32;
@@ -1433,10 +1439,8 @@ fn produce_at_rate(
         let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(events.len());
         while sent < due {
             let (k, v) = &events[sent];
-            let record = FutureRecord::to(&topic)
-                .key(k.as_str())
-                .payload(v.as_slice());
-            match producer.send_result(record) {
+            let record = BaseRecord::to(&topic).key(k.as_str()).payload(v.as_slice());
+            match producer.send(record) {
                 Ok(_) => sent += 1,
                 // Try again at the next step.
                 Err((
@@ -1449,9 +1453,12 @@ fn produce_at_rate(
             }
         }
     }
-    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30))?;
+    rdkafka::producer::Producer::flush(&*producer, Duration::from_secs(30))?;
     Ok(producer)
 }
+
+/// bench's producer of the events at `--rate`.
+type RateProducer = PolledProducer<DefaultProducerContext>;
 
 /// The name of the thread that produces the events at `--rate`.
 const RATE_THREAD: &str = "bench-rate";

@@ -1,7 +1,8 @@
 //! Where this process's CPU goes during a phase, by kind of thread: the
 //! async runtime's (the worker's tasks, or limit A's calls), the Kafka
-//! clients' (librdkafka's broker and main threads, rdkafka's producer
-//! polling thread), the in-process mock broker's, and the rest.
+//! clients' (librdkafka's broker and main threads, the threads that serve
+//! the producers' delivery reports), the in-process mock broker's, and the
+//! rest.
 //!
 //! Read from `/proc/self/task/TID/schedstat` (time on a CPU, in
 //! nanoseconds) and `comm` (the thread's name) at the start and the end of
@@ -17,8 +18,9 @@ enum Kind {
     /// tokio's worker and blocking threads (`tokio-rt-worker`).
     Runtime,
     /// librdkafka's threads of the worker's (or the phase's) consumer and
-    /// producer (`rdk:main`, `rdk:brokerN`), and rdkafka's
-    /// `producer polling thread` (names are cut at 15 bytes).
+    /// producer (`rdk:main`, `rdk:brokerN`), the worker's delivery report
+    /// thread (`ja-deliveries`), and rdkafka's `producer polling thread` of
+    /// bench's own producers (names are cut at 15 bytes).
     KafkaClient,
     /// librdkafka's mock cluster (`rdk:mock`), when bench runs on it.
     MockBroker,
@@ -31,7 +33,10 @@ impl Kind {
             Kind::Runtime
         } else if name.starts_with("rdk:mock") {
             Kind::MockBroker
-        } else if name.starts_with("rdk:") || name.starts_with("producer pollin") {
+        } else if name.starts_with("rdk:")
+            || name.starts_with("producer pollin")
+            || name == crate::worker::producer::THREAD_NAME
+        {
             Kind::KafkaClient
         } else {
             Kind::Other
@@ -94,7 +99,7 @@ pub struct ByThread {
     /// events, HTTP connections), or limit A's calls.
     pub runtime: f64,
     /// librdkafka's threads of the phase's consumer and producer, and
-    /// rdkafka's producer polling thread (delivery reports).
+    /// the threads that serve their delivery reports.
     pub kafka_clients: f64,
     /// The in-process mock cluster's thread (0 with `--brokers`).
     pub mock_broker: f64,
@@ -129,6 +134,7 @@ mod tests {
         assert_eq!(Kind::of("rdk:broker1"), Kind::KafkaClient);
         assert_eq!(Kind::of("rdk:main"), Kind::KafkaClient);
         assert_eq!(Kind::of("producer pollin"), Kind::KafkaClient);
+        assert_eq!(Kind::of("ja-deliveries"), Kind::KafkaClient);
         assert_eq!(Kind::of("rdk:mock"), Kind::MockBroker);
         assert_eq!(Kind::of("journey-actions"), Kind::Other);
     }

@@ -19,6 +19,7 @@
 
 pub mod context;
 pub mod offsets;
+pub mod producer;
 pub mod records;
 
 use std::collections::VecDeque;
@@ -34,7 +35,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -184,7 +185,7 @@ impl ProducerContext for Deliveries {
 }
 
 /// The producer of result and dead-letter records.
-type OutputProducer = ThreadedProducer<Deliveries>;
+type OutputProducer = producer::PolledProducer<Deliveries>;
 
 /// What every job needs, shared.
 struct JobContext {
@@ -265,12 +266,14 @@ impl Worker {
         // per record (two at most), and reading stops while max_in_flight
         // events are before their outcome or after it (see the module doc).
         let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
+        let producer: BaseProducer<Deliveries> = producer_config(&self.settings)
+            .create_with_context(Deliveries {
+                reports: report_tx.clone(),
+            })
+            .context("creating the Kafka producer")?;
         let producer: Arc<OutputProducer> = Arc::new(
-            producer_config(&self.settings)
-                .create_with_context(Deliveries {
-                    reports: report_tx.clone(),
-                })
-                .context("creating the Kafka producer")?,
+            producer::PolledProducer::new(producer)
+                .context("starting the producer's delivery report thread")?,
         );
         let jobs = Arc::new(JobContext {
             dispatcher: self.dispatcher.clone(),
@@ -380,8 +383,8 @@ impl Worker {
         .await
         .ok();
         // The loop's share of the producer goes first, so that the last one
-        // (whose drop joins librdkafka's polling thread) is dropped here, off
-        // the runtime's threads.
+        // (whose drop joins the delivery report thread, and flushes what a
+        // purge leaves) is dropped here, off the runtime's threads.
         drop(state);
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await
