@@ -345,6 +345,20 @@ fn the_sink_speaks_http1_over_tls() {
 }
 
 #[test]
+fn a_rate_without_events_runs_five_seconds_of_them() {
+    // Without --events a rate gets five seconds of events (10 000 would all
+    // fall in the first second at 20 000/s, and leave nothing to measure).
+    let (_, report) = bench(&["--rate", "300", "--concurrency", "64"]);
+    assert_eq!(report["events"], 1500);
+    assert_eq!(report["rate"], 300);
+    let kept = number(&report, "end_to_end.latency_events");
+    assert!(
+        kept > 0.0 && kept < 1500.0,
+        "{kept} of 1500 events in the latency figures"
+    );
+}
+
+#[test]
 fn a_rate_leaves_the_first_second_out_of_the_latency_figures() {
     // 1 200 events at 600/s: about two seconds, the first of which is warm-up.
     let (stdout, report) = bench(&[

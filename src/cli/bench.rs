@@ -24,13 +24,14 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
         Settings::default()
     };
+    let events = args.events.unwrap_or_else(|| default_events(args.rate));
     let options = BenchOptions {
         settings,
-        events: args.events,
+        events,
         concurrency: args.concurrency.max(1),
         mix: args.actions,
         ordering: args.ordering,
-        keys: args.keys.unwrap_or(args.events).max(1),
+        keys: args.keys.unwrap_or(events).max(1),
         sink_latency: args.sink_latency,
         sink_protocol: args.sink_protocol,
         brokers: args.brokers.clone(),
@@ -55,6 +56,20 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         drop(held);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Events per phase when `--events` is not given. With a rate, about five
+/// seconds of it: its latency figures leave out the first second (with
+/// 10 000 events at `half` of ~20 000/s there was nothing left to measure).
+/// `half` is not known before the run: 60 000 events last 5 s at 12 000/s
+/// (the slower state of the development VM) and fit the mock cluster's six
+/// default partitions.
+fn default_events(rate: Option<bench::Rate>) -> usize {
+    match rate {
+        None => 10_000,
+        Some(bench::Rate::HalfOfMax) => 60_000,
+        Some(bench::Rate::PerSecond(n)) => (n as usize).saturating_mul(5).clamp(1_000, 60_000),
+    }
 }
 
 /// Prints what `--hold` keeps up, then waits for SIGINT or SIGTERM (listened
@@ -92,4 +107,22 @@ fn writable(path: &Path) -> anyhow::Result<()> {
     tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_gets_five_seconds_of_events_by_default() {
+        assert_eq!(default_events(None), 10_000);
+        assert_eq!(default_events(Some(bench::Rate::HalfOfMax)), 60_000);
+        assert_eq!(default_events(Some(bench::Rate::PerSecond(300))), 1_500);
+        assert_eq!(default_events(Some(bench::Rate::PerSecond(50))), 1_000);
+        assert_eq!(default_events(Some(bench::Rate::PerSecond(50_000))), 60_000);
+        assert_eq!(
+            default_events(Some(bench::Rate::PerSecond(u32::MAX))),
+            60_000
+        );
+    }
 }

@@ -100,9 +100,11 @@ pub struct ActionArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Events per phase
-    #[arg(long, default_value_t = 10_000)]
-    pub events: usize,
+    /// Events per phase [default: 10000; with --rate, five seconds of events: 60000 with
+    /// `half`, five times the rate with a number (1000 to 60000), so that the rate phase
+    /// outlasts its one-second warm-up]
+    #[arg(long)]
+    pub events: Option<usize>,
     /// The worker's max_in_flight, and the HTTP limit's concurrency
     #[arg(long, default_value_t = 1024)]
     pub concurrency: usize,

@@ -16,8 +16,6 @@ use std::ffi::c_void;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-#[cfg(test)]
-use std::sync::Mutex;
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
@@ -73,7 +71,8 @@ impl<C: ProducerContext + 'static> PolledProducer<C> {
     }
 
     /// How many times the delivery report thread has looked at the queue.
-    pub fn turns(&self) -> u64 {
+    #[cfg(test)]
+    fn turns(&self) -> u64 {
         self.poller.turns.load(Ordering::Relaxed)
     }
 }
@@ -176,7 +175,7 @@ mod tests {
     use rdkafka::ClientContext;
     use std::sync::mpsc;
 
-    struct Reports(Mutex<mpsc::Sender<Result<i64, String>>>);
+    struct Reports(mpsc::Sender<Result<i64, String>>);
 
     impl ClientContext for Reports {}
 
@@ -188,7 +187,7 @@ mod tests {
                 Ok(m) => Ok(rdkafka::Message::offset(m)),
                 Err((e, _)) => Err(e.to_string()),
             };
-            let _ = self.0.lock().map(|tx| tx.send(report));
+            let _ = self.0.send(report);
         }
     }
 
@@ -204,7 +203,7 @@ mod tests {
         let producer: BaseProducer<Reports> = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", cluster.bootstrap_servers())
             .set("linger.ms", "1")
-            .create_with_context(Reports(Mutex::new(tx)))
+            .create_with_context(Reports(tx))
             .expect("producer");
         let producer =
             PolledProducer::with_idle_check(producer, Duration::from_secs(3600)).expect("thread");
