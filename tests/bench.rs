@@ -410,6 +410,10 @@ fn a_rate_leaves_the_first_second_out_of_the_latency_figures() {
     assert_ordered("all", percentiles(&report, "all_latency_ms"));
     assert!(stdout.contains("end-to-end at 600/s"), "{stdout}");
     assert!(
+        stdout.contains("produced at 600/s (linger.ms 5)"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("ratio end-to-end / min(A, B): not measured"),
         "{stdout}"
     );

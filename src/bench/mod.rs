@@ -1415,18 +1415,22 @@ fn produce_at_rate(
     events: Vec<(String, Vec<u8>)>,
     rate: u32,
 ) -> anyhow::Result<RateProducer> {
-    // linger.ms 1: a produce request per 1 ms step. With 0 each record was
-    // a request of its own, and the producer and the mock broker (both in
-    // this process) took so much CPU that at 20 000/s the worker could not
-    // keep up (12-17k/s, 0.9-1.2 CPU-s per 10k events, p99 60-130 ms;
-    // with 1: 20 000/s, 0.62, p99 3.6 ms).
+    // linger.ms 5, librdkafka's default (and the Java producer's since Kafka
+    // 4.0): what a journey engine's producer is likely to send, a batch per
+    // partition every 5 ms. The mock broker finds a fetch's records by
+    // walking the partition's batches from the oldest, so every batch is
+    // walked again by every later fetch: at 1 ms (a batch per partition per
+    // step) that walk took a third of a core at 11 000/s, and the worker's
+    // p99 measured it (6.7-9.5 ms against 2.7-3.1 at 5 ms, three pairs; see
+    // BENCHMARKS.md, change 33). With 0 each record was a request of its own
+    // (at 20 000/s the worker could not keep up).
     // Its delivery reports are served as the worker's are, by a thread that
     // sleeps while there are none (rdkafka's own polling thread spins for
     // ~1 ms of every 100 ms, and its CPU counts in the phase's).
     let producer = PolledProducer::new(
         rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &brokers)
-            .set("linger.ms", "1")
+            .set("linger.ms", RATE_LINGER_MS)
             .create()?,
     )?;
     let started = Instant::now();
@@ -1459,6 +1463,9 @@ fn produce_at_rate(
 
 /// bench's producer of the events at `--rate`.
 type RateProducer = PolledProducer<DefaultProducerContext>;
+
+/// The `linger.ms` of bench's producer at `--rate` (see `produce_at_rate`).
+pub const RATE_LINGER_MS: &str = "5";
 
 /// The name of the thread that produces the events at `--rate`.
 const RATE_THREAD: &str = "bench-rate";
@@ -1693,7 +1700,9 @@ pub fn table(r: &Report) -> String {
         r.partitions,
         r.sink_protocol,
         r.sink_latency,
-        r.rate.map(|x| format!(", produced at {x}/s")).unwrap_or_default()
+        r.rate
+            .map(|x| format!(", produced at {x}/s (linger.ms {RATE_LINGER_MS})"))
+            .unwrap_or_default()
             + &r.bulkhead.map(|b| format!(", throttle.max_concurrency {b}")).unwrap_or_default()
     ));
     for (client, set) in [
