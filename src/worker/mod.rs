@@ -384,11 +384,15 @@ impl Worker {
         .ok();
         // The loop's share of the producer goes first, so that the last one
         // (whose drop joins the delivery report thread, and flushes what a
-        // purge leaves) is dropped here, off the runtime's threads.
+        // purge leaves) is normally dropped here, off the runtime's threads
+        // (an event task that has sent its last report may still hold one
+        // for a moment).
         drop(state);
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
-            .await
-            .ok();
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "flushing the output producer at shutdown");
+        }
         self.metrics.in_flight.set(0);
         tracing::info!("worker stopped");
         Ok(())

@@ -99,7 +99,9 @@ impl<C: ProducerContext + 'static> Drop for PolledProducer<C> {
 }
 
 /// The producer's event queue (its main queue), with the call back enabled
-/// for as long as this lives.
+/// for as long as this lives. The call back is set on this queue itself:
+/// were it forwarded to another (librdkafka forwards a consumer's main
+/// queue, never a producer's), only the safety net would wake the thread.
 struct Queue {
     queue: *mut rd::rd_kafka_queue_t,
     /// The thread to unpark, owned here, read by librdkafka's threads.
@@ -153,12 +155,21 @@ unsafe extern "C" fn wake(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
 /// context's `delivery`) without waiting, then park until the queue gets
 /// one. An event enqueued between the emptiness check and `park` unparks
 /// first, and `park` then returns at once.
+///
+/// A delivery callback that panics loses its record's report (its event is
+/// never final, and its partition's offset stops there), but not the thread:
+/// the other reports keep coming, and the panic is logged.
 fn serve<C: ProducerContext>(producer: &BaseProducer<C>, poller: &Poller, idle_check: Duration) {
     let queue = Queue::new(producer);
     loop {
         poller.turns.fetch_add(1, Ordering::Relaxed);
         while queue.len() > 0 {
-            producer.poll(Duration::ZERO);
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                producer.poll(Duration::ZERO)
+            }));
+            if served.is_err() {
+                tracing::error!("a delivery report callback panicked; its report is lost");
+            }
         }
         if poller.stop.load(Ordering::Acquire) {
             break;
@@ -235,5 +246,51 @@ mod tests {
         dropped
             .recv_timeout(Duration::from_secs(30))
             .expect("the producer's drop returns");
+    }
+
+    /// A context that panics on its first report only.
+    struct Panicky(mpsc::Sender<i64>, std::sync::atomic::AtomicBool);
+
+    impl ClientContext for Panicky {}
+
+    impl ProducerContext for Panicky {
+        type DeliveryOpaque = ();
+
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if !self.1.swap(true, Ordering::Relaxed) {
+                panic!("the first report panics (a test)");
+            }
+            if let Ok(m) = result {
+                let _ = self.0.send(rdkafka::Message::offset(m));
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_callback_loses_its_report_not_the_thread() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (tx, reports) = mpsc::channel();
+        let producer: BaseProducer<Panicky> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create_with_context(Panicky(tx, AtomicBool::new(false)))
+            .expect("producer");
+        let producer =
+            PolledProducer::with_idle_check(producer, Duration::from_secs(3600)).expect("thread");
+        for offset in 0..2 {
+            producer
+                .send(BaseRecord::<str, str>::to("t").partition(0).payload("x"))
+                .expect("enqueued");
+            if offset == 0 {
+                // The first report's callback panics: nothing comes. (The
+                // second record is sent after this wait, so that the two
+                // reports do not come in one event, which the panic would
+                // cut short.)
+                assert!(reports.recv_timeout(Duration::from_secs(2)).is_err());
+            } else {
+                let got = reports.recv_timeout(Duration::from_secs(30));
+                assert_eq!(got, Ok(1), "the second report after the panic");
+            }
+        }
     }
 }
