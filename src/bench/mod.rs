@@ -1293,15 +1293,11 @@ async fn end_to_end(
             anyhow::bail!("end-to-end: the worker stopped with {done} of {total} events final");
         }
         if let Some(thread) = producing.take_if(|p| p.is_finished()) {
-            let produced = thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the rate producer panicked"))
-                .and_then(|r| r);
-            match produced {
+            match produced(thread) {
                 Ok(producer) => rate_producer = Some(producer),
                 Err(e) => {
                     stop.cancel();
-                    return Err(e.context("producing at --rate"));
+                    return Err(e);
                 }
             }
         }
@@ -1320,14 +1316,7 @@ async fn end_to_end(
     // still running is at most flushing.
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         drop(rate_producer);
-        if let Some(thread) = producing {
-            let producer = thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the rate producer panicked"))?
-                .context("producing at --rate")?;
-            drop(producer);
-        }
-        Ok(())
+        producing.map_or(Ok(()), |thread| produced(thread).map(drop))
     })
     .await??;
     stop.cancel();
@@ -1463,6 +1452,16 @@ fn produce_at_rate(
 
 /// bench's producer of the events at `--rate`.
 type RateProducer = PolledProducer<DefaultProducerContext>;
+
+/// The rate producer's thread, joined: its producer, or why it failed.
+fn produced(
+    thread: std::thread::JoinHandle<anyhow::Result<RateProducer>>,
+) -> anyhow::Result<RateProducer> {
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the rate producer panicked"))?
+        .context("producing at --rate")
+}
 
 /// The `linger.ms` of bench's producer at `--rate` (see `produce_at_rate`).
 pub const RATE_LINGER_MS: &str = "5";

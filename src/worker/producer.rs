@@ -186,7 +186,12 @@ mod tests {
     use rdkafka::ClientContext;
     use std::sync::mpsc;
 
-    struct Reports(mpsc::Sender<Result<i64, String>>);
+    /// Sends each report's offset (or error) on a channel; with `panics`,
+    /// the first report's callback panics instead.
+    struct Reports {
+        sent: mpsc::Sender<Result<i64, String>>,
+        panics: AtomicBool,
+    }
 
     impl ClientContext for Reports {}
 
@@ -194,12 +199,41 @@ mod tests {
         type DeliveryOpaque = ();
 
         fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if self.panics.swap(false, Ordering::Relaxed) {
+                panic!("the first report panics (a test)");
+            }
             let report = match result {
                 Ok(m) => Ok(rdkafka::Message::offset(m)),
                 Err((e, _)) => Err(e.to_string()),
             };
-            let _ = self.0.send(report);
+            let _ = self.sent.send(report);
         }
+    }
+
+    /// A producer on a fresh mock cluster whose thread only the call back
+    /// can wake (its safety net is an hour away), and its reports.
+    fn producer(
+        cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        panics: bool,
+    ) -> (PolledProducer<Reports>, mpsc::Receiver<Result<i64, String>>) {
+        let (sent, reports) = mpsc::channel();
+        let producer: BaseProducer<Reports> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create_with_context(Reports {
+                sent,
+                panics: AtomicBool::new(panics),
+            })
+            .expect("producer");
+        let producer =
+            PolledProducer::with_idle_check(producer, Duration::from_secs(3600)).expect("thread");
+        (producer, reports)
+    }
+
+    fn send(producer: &PolledProducer<Reports>) {
+        producer
+            .send(BaseRecord::<str, str>::to("t").partition(0).payload("x"))
+            .expect("enqueued");
     }
 
     /// Only the call back can wake the thread here (its safety net is an
@@ -210,14 +244,7 @@ mod tests {
     #[test]
     fn reports_wake_the_parked_thread_and_idle_costs_no_turns() {
         let cluster = MockCluster::new(1).expect("mock cluster");
-        let (tx, reports) = mpsc::channel();
-        let producer: BaseProducer<Reports> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("linger.ms", "1")
-            .create_with_context(Reports(tx))
-            .expect("producer");
-        let producer =
-            PolledProducer::with_idle_check(producer, Duration::from_secs(3600)).expect("thread");
+        let (producer, reports) = producer(&cluster, false);
         for round in 0..3 {
             // Idle: the thread has parked (or parks now) and stays parked.
             std::thread::sleep(Duration::from_millis(300));
@@ -229,9 +256,7 @@ mod tests {
                 idle_turns <= 2,
                 "round {round}: {idle_turns} turns while idle"
             );
-            producer
-                .send(BaseRecord::<str, str>::to("t").partition(0).payload("x"))
-                .expect("enqueued");
+            send(&producer);
             let offset = reports
                 .recv_timeout(Duration::from_secs(30))
                 .expect("a delivery report");
@@ -248,49 +273,17 @@ mod tests {
             .expect("the producer's drop returns");
     }
 
-    /// A context that panics on its first report only.
-    struct Panicky(mpsc::Sender<i64>, std::sync::atomic::AtomicBool);
-
-    impl ClientContext for Panicky {}
-
-    impl ProducerContext for Panicky {
-        type DeliveryOpaque = ();
-
-        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-            if !self.1.swap(true, Ordering::Relaxed) {
-                panic!("the first report panics (a test)");
-            }
-            if let Ok(m) = result {
-                let _ = self.0.send(rdkafka::Message::offset(m));
-            }
-        }
-    }
-
     #[test]
     fn a_panicking_callback_loses_its_report_not_the_thread() {
         let cluster = MockCluster::new(1).expect("mock cluster");
-        let (tx, reports) = mpsc::channel();
-        let producer: BaseProducer<Panicky> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("linger.ms", "0")
-            .create_with_context(Panicky(tx, AtomicBool::new(false)))
-            .expect("producer");
-        let producer =
-            PolledProducer::with_idle_check(producer, Duration::from_secs(3600)).expect("thread");
-        for offset in 0..2 {
-            producer
-                .send(BaseRecord::<str, str>::to("t").partition(0).payload("x"))
-                .expect("enqueued");
-            if offset == 0 {
-                // The first report's callback panics: nothing comes. (The
-                // second record is sent after this wait, so that the two
-                // reports do not come in one event, which the panic would
-                // cut short.)
-                assert!(reports.recv_timeout(Duration::from_secs(2)).is_err());
-            } else {
-                let got = reports.recv_timeout(Duration::from_secs(30));
-                assert_eq!(got, Ok(1), "the second report after the panic");
-            }
-        }
+        let (producer, reports) = producer(&cluster, true);
+        send(&producer);
+        // The first report's callback panics: nothing comes. (The second
+        // record is sent after this wait, so that the two reports do not
+        // come in one event, which the panic would cut short.)
+        assert!(reports.recv_timeout(Duration::from_secs(2)).is_err());
+        send(&producer);
+        let got = reports.recv_timeout(Duration::from_secs(30));
+        assert_eq!(got, Ok(Ok(1)), "the second report after the panic");
     }
 }
