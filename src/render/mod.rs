@@ -365,7 +365,8 @@ impl RequestTemplate {
 /// Refuses `.` and `..` segments (also percent-encoded): event data must not
 /// move the request to another path of the provider.
 fn check_path(path: &str) -> Result<(), RenderError> {
-    for segment in path.split('/') {
+    // Longer than `%2e%2e`, a segment cannot decode to `.` or `..`.
+    for segment in path.split('/').filter(|s| s.len() <= 6) {
         let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
         if decoded == "." || decoded == ".." {
             return Err(RenderError {
@@ -750,6 +751,31 @@ mod tests {
     use super::fast::Scope;
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn dot_segments_are_refused_in_any_spelling() {
+        for path in [
+            "/a/../b",
+            "/a/.",
+            "/%2e%2e/b",
+            "/a/.%2E/b",
+            "/a/%2E",
+            "/a/%2e%2e",
+        ] {
+            assert!(check_path(path).is_err(), "{path}");
+        }
+        for path in [
+            "/a/b",
+            "/a/.b/c",
+            "/a/.../b",
+            "/%2e%2e%2e/b",
+            "/a/%2e%2ex",
+            "/a//b",
+            "",
+        ] {
+            assert!(check_path(path).is_ok(), "{path}");
+        }
+    }
 
     /// Every planned leaf that the shortcut answers must give exactly what
     /// the template engine gives for the same event: same value (same JSON,
