@@ -1297,6 +1297,10 @@ async fn cut_or_non_json_response_is_captured_as_text() {
         .respond_with(ResponseTemplate::new(200).set_body_string("queued, thanks"))
         .mount(&server)
         .await;
+    Mock::given(path("/bytes"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(b"{\"a\":\"\xff\"}".to_vec()))
+        .mount(&server)
+        .await;
     let uri = server.uri();
     let f = load(&[
         action(
@@ -1305,6 +1309,7 @@ async fn cut_or_non_json_response_is_captured_as_text() {
             json!({ "response": { "max_bytes": 10 } }),
         ),
         action("text", &format!("{uri}/text"), json!({})),
+        action("bytes", &format!("{uri}/bytes"), json!({})),
         action(
             "no_capture",
             &format!("{uri}/json"),
@@ -1315,6 +1320,7 @@ async fn cut_or_non_json_response_is_captured_as_text() {
     let cut = f.dispatcher.execute(&event("cut", json!({}))).await;
     let text = f.dispatcher.execute(&event("text", json!({}))).await;
     let none = f.dispatcher.execute(&event("no_capture", json!({}))).await;
+    let bytes = f.dispatcher.execute(&event("bytes", json!({}))).await;
 
     assert_code(&cut, OutcomeCode::Ok);
     assert_eq!(cut.response, Some(json!("{\"message_")));
@@ -1322,6 +1328,9 @@ async fn cut_or_non_json_response_is_captured_as_text() {
     assert_eq!(text.response, Some(json!("queued, thanks")));
     assert_code(&none, OutcomeCode::Ok);
     assert_eq!(none.response, None);
+    // JSON but for a byte that is not UTF-8: text, the byte replaced.
+    assert_code(&bytes, OutcomeCode::Ok);
+    assert_eq!(bytes.response, Some(json!("{\"a\":\"\u{fffd}\"}")));
 }
 
 // ---------------------------------------------------------------------------

@@ -498,7 +498,9 @@ pub fn capture(reply: &Reply) -> Option<Value> {
         return None;
     }
     if !reply.truncated {
-        if let Ok(v) = serde_json::from_slice::<Value>(&reply.body) {
+        // UTF-8 checked once, not string by string (see `Typed::parse`).
+        let text = std::str::from_utf8(&reply.body);
+        if let Ok(Ok(v)) = text.map(serde_json::from_str::<Value>) {
             return Some(v);
         }
     }

@@ -164,7 +164,10 @@ impl Typed {
         if bytes.trim_ascii_start().first() != Some(&b'{') {
             return None;
         }
-        let t: Typed = serde_json::from_slice(bytes).ok()?;
+        // Checked as UTF-8 once: parsing a `str`, serde_json does not check
+        // each string again (~2.5 thousand instructions of ~14 per event).
+        let text = std::str::from_utf8(bytes).ok()?;
+        let t: Typed = serde_json::from_str(text).ok()?;
         if t.event_id.is_empty() || t.action_id.is_empty() || t.profile_id.is_empty() {
             return None;
         }
@@ -381,6 +384,19 @@ mod tests {
         }
         let err = ActionEvent::from_slice(b"{not json").unwrap_err();
         assert!(err.reason.starts_with("not valid JSON"));
+        // Bytes that are not UTF-8 inside a string of an otherwise valid event.
+        let err = ActionEvent::from_slice(
+            b"{\"event_id\":\"e\",\"action_id\":\"a\",\"profile_id\":\"p\xff\",\"params\":{}}",
+        )
+        .unwrap_err();
+        assert!(err.reason.starts_with("not valid JSON"), "{}", err.reason);
+        // ... and the same event in UTF-8 parses, non-ASCII and escapes included.
+        let e = ActionEvent::from_slice(
+            "{\"event_id\":\"é\\u00e9\",\"action_id\":\"a\",\"profile_id\":\"p✓\",\"params\":{}}"
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!((e.event_id.as_str(), e.profile_id.as_str()), ("éé", "p✓"));
     }
 
     #[test]
