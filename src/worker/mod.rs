@@ -56,6 +56,9 @@ use records::{Identity, Source};
 
 /// How often final offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a stopping worker waits for its consumer to close
+/// ([`close_consumer`]).
+const CONSUMER_CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// Resume paused partitions once the load ([`Loop::load`]) falls to this
 /// share of `max_in_flight`.
 const RESUME_AT: f64 = 0.75;
@@ -393,9 +396,37 @@ impl Worker {
         if let Ok(Err(e)) = flushed {
             tracing::warn!(error = %e, "flushing the output producer at shutdown");
         }
+        close_consumer(consumer).await;
         self.metrics.in_flight.set(0);
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Drops the consumer's last handle, which closes it (leaves the group), on
+/// a thread of its own, waiting at most [`CONSUMER_CLOSE_WAIT`]. The close
+/// serves a last rebalance callback, and librdkafka can leave that callback
+/// waiting forever for the group's rebalance protocol (seen against a real
+/// broker in CI, as in confluentinc/librdkafka#4041 and
+/// fede1024/rust-rdkafka#509): a shutdown must end anyway, and its offsets
+/// are committed by then.
+async fn close_consumer(consumer: Arc<StreamConsumer<WorkerContext>>) {
+    let (closed, wait) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("ja-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the thread that closes the consumer");
+        return;
+    }
+    if tokio::time::timeout(CONSUMER_CLOSE_WAIT, wait)
+        .await
+        .is_err()
+    {
+        tracing::warn!(wait = ?CONSUMER_CLOSE_WAIT, "the consumer did not close in time; left to close on its own");
     }
 }
 
