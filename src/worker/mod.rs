@@ -403,31 +403,34 @@ impl Worker {
     }
 }
 
-/// Drops the consumer's last handle, which closes it (leaves the group), on
-/// a thread of its own, waiting at most [`CONSUMER_CLOSE_WAIT`]. The close
-/// serves a last rebalance callback, and librdkafka can leave that callback
-/// waiting forever for the group's rebalance protocol (seen against a real
-/// broker in CI, as in confluentinc/librdkafka#4041 and
-/// fede1024/rust-rdkafka#509): a shutdown must end anyway, and its offsets
-/// are committed by then.
+/// Drops the consumer's last handle, which closes it (leaves the group),
+/// waiting at most [`CONSUMER_CLOSE_WAIT`]. The close serves a last rebalance
+/// callback, and librdkafka can leave that callback waiting forever for the
+/// group's rebalance protocol (seen against a real broker in CI, as in
+/// confluentinc/librdkafka#4041 and fede1024/rust-rdkafka#509): a shutdown
+/// must end anyway, and its offsets are committed by then.
 async fn close_consumer(consumer: Arc<StreamConsumer<WorkerContext>>) {
-    let (closed, wait) = tokio::sync::oneshot::channel();
+    if !drop_within(consumer, CONSUMER_CLOSE_WAIT).await {
+        tracing::warn!(wait = ?CONSUMER_CLOSE_WAIT, "the consumer did not close in time; left to close on its own");
+    }
+}
+
+/// Drops `value` on a thread of its own and waits for that at most `wait`;
+/// false if the drop had not ended by then (the thread is left to it). A
+/// drop that cannot get a thread happens here, however long it takes.
+async fn drop_within<T: Send + 'static>(value: T, wait: Duration) -> bool {
+    let (dropped, done) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("ja-close".into())
         .spawn(move || {
-            drop(consumer);
-            let _ = closed.send(());
+            drop(value);
+            let _ = dropped.send(());
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the thread that closes the consumer");
-        return;
+        tracing::warn!(error = %e, "no thread to drop on; dropping in place");
+        return true;
     }
-    if tokio::time::timeout(CONSUMER_CLOSE_WAIT, wait)
-        .await
-        .is_err()
-    {
-        tracing::warn!(wait = ?CONSUMER_CLOSE_WAIT, "the consumer did not close in time; left to close on its own");
-    }
+    tokio::time::timeout(wait, done).await.is_ok()
 }
 
 /// The consume loop's own state.
@@ -1181,4 +1184,66 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
         config.set(k, v);
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Tells `ended` when it is dropped, after `hold` lets it go.
+    struct Held {
+        hold: Mutex<mpsc::Receiver<()>>,
+        ended: mpsc::Sender<()>,
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if let Ok(hold) = self.hold.lock() {
+                let _ = hold.recv();
+            }
+            let _ = self.ended.send(());
+        }
+    }
+
+    fn held() -> (Held, mpsc::Sender<()>, mpsc::Receiver<()>) {
+        let (release, hold) = mpsc::channel();
+        let (ended, dropped) = mpsc::channel();
+        let value = Held {
+            hold: Mutex::new(hold),
+            ended,
+        };
+        (value, release, dropped)
+    }
+
+    #[tokio::test]
+    async fn a_drop_that_ends_is_waited_for() {
+        let (value, release, dropped) = held();
+        release.send(()).expect("release");
+        assert!(drop_within(value, Duration::from_secs(30)).await);
+        dropped
+            .try_recv()
+            .expect("dropped before drop_within returned");
+    }
+
+    #[tokio::test]
+    async fn a_drop_that_blocks_is_left_after_the_wait() {
+        let (value, release, dropped) = held();
+        let returned = tokio::time::timeout(
+            Duration::from_secs(30),
+            drop_within(value, Duration::from_millis(50)),
+        )
+        .await;
+        assert_eq!(
+            returned,
+            Ok(false),
+            "returned, and said the drop had not ended"
+        );
+        assert!(dropped.try_recv().is_err(), "the drop is still held");
+        // The thread is left to it: released, the drop ends there.
+        release.send(()).expect("release");
+        dropped
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the left drop ends once released");
+    }
 }
