@@ -498,9 +498,7 @@ pub fn capture(reply: &Reply) -> Option<Value> {
         return None;
     }
     if !reply.truncated {
-        // UTF-8 checked once, not string by string (see `Typed::parse`).
-        let text = std::str::from_utf8(&reply.body);
-        if let Ok(Ok(v)) = text.map(serde_json::from_str::<Value>) {
+        if let Some(v) = crate::event::json_from_bytes(&reply.body) {
             return Some(v);
         }
     }
