@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::closed_port;
 use journey_actions::action::load_dir;
 use journey_actions::dispatch::{AttemptStatus, DispatchOptions, Dispatcher, Outcome, OutcomeCode};
 use journey_actions::event::ActionEvent;
@@ -1079,12 +1082,7 @@ async fn hanging_endpoint_times_out_on_every_attempt() {
 
 #[tokio::test]
 async fn connection_refused_is_error_and_retried_when_connect_is_listed() {
-    // A port nothing listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let (port, _held) = closed_port();
     let url = format!("http://127.0.0.1:{port}/nobody");
     let f = load(&[
         action(

@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering as AtomicOr
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::closed_port;
 use journey_actions::action::{load_dir, ActionSet};
 use journey_actions::settings::{Ordering, Settings};
 use journey_actions::telemetry::Metrics;
@@ -784,12 +787,6 @@ impl Provider {
     }
 }
 
-/// A loopback port nothing listens on (connection refused).
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
 // ---------------------------------------------------------------------------
 // The tests
 // ---------------------------------------------------------------------------
@@ -894,7 +891,8 @@ async fn every_failure_outcome_is_dead_lettered_byte_exact_with_ja_headers() {
     })
     .await;
     let fast_retry = "retry:\n  initial_backoff: 10ms\n  max_backoff: 20ms\n";
-    let refused = format!("http://127.0.0.1:{}/refused", closed_port());
+    let (port, _held) = closed_port();
+    let refused = format!("http://127.0.0.1:{port}/refused");
     let actions = Actions::new(&[
         notify_action("notify", &provider.url("/ok"), ""),
         notify_action("rejects", &provider.url("/bad"), fast_retry),
@@ -1135,7 +1133,7 @@ async fn every_failure_outcome_is_dead_lettered_byte_exact_with_ja_headers() {
         assert_eq!(
             at("ja-attempts"),
             case.attempts.to_string(),
-            "{name}: ja-attempts"
+            "{name}: ja-attempts (ja-error {error:?})"
         );
         assert_eq!(
             r.header("ja-last-status"),
