@@ -169,6 +169,26 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
     for (figure, p) in [("latency", latency), ("acked", acked)] {
         assert_ordered(figure, p);
     }
+    // Every call's exchange waited for the sink, in both phases; an event's
+    // exchange is part of its latency, and the rest is what the worker adds.
+    for figure in ["end_to_end.exchange_ms", "limit_http.exchange_ms"] {
+        let [mean, p50, p99] =
+            ["mean", "p50", "p99"].map(|p| number(&report, &format!("{figure}.{p}")));
+        assert!(
+            mean >= 5.0 && p50 >= 5.0 && p99 >= p50,
+            "{figure}: mean {mean} p50 {p50} p99 {p99} ms"
+        );
+    }
+    assert!(number(&report, "end_to_end.exchange_ms.p50") <= latency[0] + 1e-9);
+    let besides = number(&report, "end_to_end.besides_exchange_ms.p50");
+    assert!(
+        besides >= 0.0 && besides <= latency[0] - 5.0 + 1e-9,
+        "{besides} ms besides the exchange, p50 latency {latency:?}"
+    );
+    assert!(
+        stdout.contains("in the HTTP exchange (sent → answer read)"),
+        "{stdout}"
+    );
 
     assert!(number(&report, "end_to_end.peak_rss_mib") > 0.0);
     assert!(number(&report, "end_to_end.cpu_seconds_per_10k") > 0.0);

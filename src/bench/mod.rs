@@ -134,6 +134,9 @@ pub struct Limit {
     /// counts.
     pub sink_connections: Option<usize>,
     pub http_versions: Option<BTreeMap<String, usize>>,
+    /// Limit A only: each call's HTTP exchange (request sent → answer read),
+    /// as the worker's attempts time theirs.
+    pub exchange_ms: Option<Spread>,
     /// Share of the machine's CPU time that was busy during the phase, and
     /// the share the hypervisor took (steal), from `/proc/stat`.
     pub machine: Option<MachineLoad>,
@@ -159,6 +162,26 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+/// Mean and percentiles of durations, milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Spread {
+    pub mean: f64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl Spread {
+    /// Of sorted milliseconds ([`sorted_ms`]).
+    pub fn of(sorted_ms: &[f64]) -> Spread {
+        let p = percentiles(sorted_ms, 0.0);
+        Spread {
+            mean: sorted_ms.iter().sum::<f64>() / sorted_ms.len().max(1) as f64,
+            p50: p.p50,
+            p99: p.p99,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct EndToEnd {
     pub events: usize,
@@ -182,6 +205,13 @@ pub struct EndToEnd {
     pub acked_latency_ms: Percentiles,
     /// `latency_ms` over every event, warm-up included.
     pub all_latency_ms: Percentiles,
+    /// Of `latency_ms`, over the events that made a call: the time in their
+    /// HTTP exchanges (request sent → answer read, every attempt), to set
+    /// beside limit A's `exchange_ms` ...
+    pub exchange_ms: Spread,
+    /// ... and the rest: the worker's own steps and waits (task start,
+    /// parsing, rendering, limits, backoff, the outcome).
+    pub besides_exchange_ms: Spread,
     pub peak_rss_mib: f64,
     /// CPU of this process (worker and, by default, the mock cluster).
     pub cpu_seconds_per_10k: f64,
@@ -905,7 +935,7 @@ async fn http_limit(
     let connections_before = sink.connections()?;
     let before = Snapshot::take(sink.pid());
     let started = Instant::now();
-    let versions = requests.send(total, concurrency).await?;
+    let (versions, exchanges) = requests.send(total, concurrency).await?;
     let answered = versions.values().sum();
     let mut measured = limit(answered, started.elapsed());
     let used = before.since();
@@ -913,6 +943,7 @@ async fn http_limit(
     measured.sink_cpu_seconds_per_10k = Some(per_10k(used.sink, answered));
     measured.sink_connections = Some(sink.connections()? - connections_before);
     measured.http_versions = Some(versions);
+    measured.exchange_ms = Some(Spread::of(&sorted_ms(exchanges.into_iter())));
     measured.machine = used.machine;
     measured.cpu_by_thread_us = Some(used.threads.per_op(answered));
     Ok((measured, parse_render_us))
@@ -1013,28 +1044,33 @@ impl Calls {
     }
 
     /// Sends `total` calls, `concurrency` at a time, reading every answer;
-    /// the answers by HTTP version.
+    /// the answers by HTTP version, and each call's exchange (request sent →
+    /// answer read, timed as the worker times an attempt's).
     async fn send(
         &self,
         total: usize,
         concurrency: usize,
-    ) -> anyhow::Result<BTreeMap<String, usize>> {
+    ) -> anyhow::Result<(BTreeMap<String, usize>, Vec<Duration>)> {
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency.min(total) {
             let (requests, next) = (self.0.clone(), next.clone());
             tasks.spawn(async move {
                 let mut answered: BTreeMap<reqwest::Version, usize> = BTreeMap::new();
+                let mut exchanges = Vec::new();
                 loop {
                     let i = next.fetch_add(1, AtomicOrdering::Relaxed);
                     if i >= total {
-                        return Ok::<_, reqwest::Error>(answered);
+                        return Ok::<_, reqwest::Error>((answered, exchanges));
                     }
                     let (client, cold_start, request) = &requests[i % requests.len()];
-                    let turn = cold_start.turn(&request.url).await;
-                    let resp = client.execute(crate::dispatch::to_request(request)).await?;
+                    let request = crate::dispatch::to_request(request);
+                    let turn = cold_start.turn(request.url()).await;
+                    let start = Instant::now();
+                    let resp = client.execute(request).await?;
                     let version = resp.version();
                     let _ = resp.bytes().await?;
+                    exchanges.push(start.elapsed());
                     drop(turn);
                     // The connection goes back to the pool a moment after
                     // the answer is read; a call sent at once finds none
@@ -1047,12 +1083,15 @@ impl Calls {
             });
         }
         let mut versions = BTreeMap::new();
+        let mut exchanges = Vec::with_capacity(total);
         while let Some(r) = tasks.join_next().await {
-            for (version, n) in r?? {
+            let (answered, timed) = r??;
+            for (version, n) in answered {
                 *versions.entry(format!("{version:?}")).or_default() += n;
             }
+            exchanges.extend(timed);
         }
-        Ok(versions)
+        Ok((versions, exchanges))
     }
 }
 
@@ -1198,6 +1237,7 @@ async fn end_to_end(
                     at: Instant::now(),
                     latency: f.latency,
                     to_outcome: f.to_outcome,
+                    exchange: f.exchange,
                     code: f.code,
                 });
             }
@@ -1350,6 +1390,9 @@ async fn end_to_end(
     let latencies = sorted_ms(steady.iter().map(|f| f.to_outcome));
     let acked = sorted_ms(steady.iter().map(|f| f.latency));
     let all = sorted_ms(finished.iter().map(|f| f.to_outcome));
+    let called = || steady.iter().filter(|f| !f.exchange.is_zero());
+    let exchange = sorted_ms(called().map(|f| f.exchange));
+    let besides = sorted_ms(called().map(|f| f.to_outcome.saturating_sub(f.exchange)));
     let sink_ms = o.sink_latency.mean().as_secs_f64() * 1e3;
     let per_second = total as f64 / seconds.max(1e-9);
     Ok(EndToEnd {
@@ -1363,6 +1406,8 @@ async fn end_to_end(
         added_latency_ms: percentiles(&latencies, sink_ms),
         acked_latency_ms: percentiles(&acked, 0.0),
         all_latency_ms: percentiles(&all, 0.0),
+        exchange_ms: Spread::of(&exchange),
+        besides_exchange_ms: Spread::of(&besides),
         peak_rss_mib,
         cpu_seconds_per_10k: per_10k(used.own, total),
         sink_cpu_seconds_per_10k: per_10k(used.sink, total),
@@ -1392,6 +1437,7 @@ struct Seen {
     at: Instant,
     latency: Duration,
     to_outcome: Duration,
+    exchange: Duration,
     code: OutcomeCode,
 }
 
@@ -1479,6 +1525,7 @@ fn limit(count: usize, elapsed: Duration) -> Limit {
         sink_cpu_seconds_per_10k: None,
         sink_connections: None,
         http_versions: None,
+        exchange_ms: None,
         machine: None,
         cpu_by_thread_us: None,
     }
@@ -1892,6 +1939,28 @@ pub fn table(r: &Report) -> String {
             "added over the sink's own latency:",
             &e.added_latency_ms,
         ));
+        if e.exchange_ms.mean > 0.0 {
+            let spread = |s: &Spread| {
+                format!(
+                    "mean {:.2} ms  p50 {:.2} ms  p99 {:.2} ms",
+                    s.mean, s.p50, s.p99
+                )
+            };
+            out.push_str(&format!(
+                "  of it, in the HTTP exchange (sent → answer read):  {}\n",
+                spread(&e.exchange_ms)
+            ));
+            if let Some(a) = &r.limit_http.exchange_ms {
+                out.push_str(&format!(
+                    "    limit A's calls, timed the same way:            {}\n",
+                    spread(a)
+                ));
+            }
+            out.push_str(&format!(
+                "  and in the worker's own steps and waits:         {}\n",
+                spread(&e.besides_exchange_ms)
+            ));
+        }
         out.push_str(&row(
             "consume → result records acknowledged:",
             &e.acked_latency_ms,
@@ -2060,6 +2129,8 @@ mod tests {
             added_latency_ms: percentiles(&[], 0.0),
             acked_latency_ms: percentiles(&[], 0.0),
             all_latency_ms: percentiles(&[], 0.0),
+            exchange_ms: Spread::default(),
+            besides_exchange_ms: Spread::default(),
             peak_rss_mib: 0.0,
             cpu_seconds_per_10k: 0.5,
             sink_cpu_seconds_per_10k: 0.1,
@@ -2173,6 +2244,15 @@ mod tests {
         for bad in ["0", "-5", "1.5", "fast", ""] {
             assert!(bad.parse::<Rate>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_spread_has_the_mean_and_the_nearest_rank_percentiles() {
+        let ms: Vec<f64> = (1..=100).map(f64::from).collect();
+        let s = Spread::of(&ms);
+        assert_eq!((s.mean, s.p50, s.p99), (50.5, 50.0, 99.0));
+        let none = Spread::of(&[]);
+        assert_eq!((none.mean, none.p50, none.p99), (0.0, 0.0, 0.0));
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct Finished {
     /// From consume to the outcome (the rest of `latency` is producing
     /// the records).
     pub to_outcome: Duration,
+    /// Of `to_outcome`, the time in the HTTP exchanges of its attempts
+    /// (request sent → answer read), summed; zero without a call.
+    pub exchange: Duration,
 }
 
 pub type Observer = Arc<dyn Fn(&Finished) + Send + Sync>;
@@ -850,6 +853,7 @@ impl Delivering {
             attempts: decided.outcome.attempt_count(),
             latency: Duration::ZERO, // set when final
             to_outcome: decided.took,
+            exchange: decided.outcome.attempts.iter().map(|a| a.duration).sum(),
         });
         Delivering {
             partition: record.partition,
