@@ -210,7 +210,8 @@ pub struct EndToEnd {
     /// beside limit A's `exchange_ms` ...
     pub exchange_ms: Spread,
     /// ... and the rest: the worker's own steps and waits (task start,
-    /// parsing, rendering, limits, backoff, the outcome).
+    /// parsing, rendering, auth, including a token fetch, limits, retries'
+    /// backoff, the outcome).
     pub besides_exchange_ms: Spread,
     pub peak_rss_mib: f64,
     /// CPU of this process (worker and, by default, the mock cluster).
