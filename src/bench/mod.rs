@@ -1936,10 +1936,6 @@ pub fn table(r: &Report) -> String {
         ));
     } else {
         out.push_str(&row("event latency (consume → outcome):", &e.latency_ms));
-        out.push_str(&row(
-            "added over the sink's own latency:",
-            &e.added_latency_ms,
-        ));
         if e.exchange_ms.mean > 0.0 {
             let spread = |s: &Spread| {
                 format!(
@@ -1962,6 +1958,10 @@ pub fn table(r: &Report) -> String {
                 spread(&e.besides_exchange_ms)
             ));
         }
+        out.push_str(&row(
+            "added over the sink's own latency:",
+            &e.added_latency_ms,
+        ));
         out.push_str(&row(
             "consume → result records acknowledged:",
             &e.acked_latency_ms,
