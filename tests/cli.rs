@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
+use common::closed_port;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use wiremock::matchers::any;
@@ -730,11 +733,7 @@ async fn send_exits_1_on_500_after_exactly_one_call() {
 
 #[test]
 fn send_exits_1_with_one_error_line_when_the_provider_is_unreachable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let (port, _held) = closed_port();
     let config = config_with(&[(
         "probe.yaml",
         &send_action(&format!("http://127.0.0.1:{port}")),

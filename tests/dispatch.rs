@@ -1124,11 +1124,7 @@ async fn connection_refused_is_error_and_retried_when_connect_is_listed() {
 #[tokio::test]
 async fn transport_errors_never_carry_a_query_secret() {
     let key = "key-3f9a1c7e5b2d4068";
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let (port, _held) = closed_port();
     let f = load_with_files(
         &[action(
             "keyed",

@@ -1948,10 +1948,15 @@ pub fn table(r: &Report) -> String {
                 spread(&e.exchange_ms)
             ));
             if let Some(a) = &r.limit_http.exchange_ms {
-                out.push_str(&format!(
-                    "    limit A's calls, timed the same way:            {}\n",
-                    spread(a)
-                ));
+                // Limit A runs flat out: beside a rate phase, its calls were
+                // made at a higher load.
+                let how = if r.rate.is_some() {
+                    "at full speed"
+                } else {
+                    "timed the same way"
+                };
+                let label = format!("limit A's calls, {how}:");
+                out.push_str(&format!("    {label:<48}{}\n", spread(a)));
             }
             out.push_str(&format!(
                 "  and in the worker's own steps and waits:         {}\n",
