@@ -841,6 +841,24 @@ fn usage_errors_exit_2() {
         assert!(run.stdout.is_empty());
         assert!(!run.stderr.is_empty());
     }
+    // A count of zero is refused by name, not taken as one.
+    for flag in [
+        "--events",
+        "--concurrency",
+        "--keys",
+        "--partitions",
+        "--max-concurrency",
+    ] {
+        let run = run(&["bench", flag, "0"]);
+        assert_eq!(run.code, 2, "{flag} 0: {run:#?}");
+        assert!(run.stdout.is_empty(), "{flag} 0: {run:#?}");
+        assert!(
+            run.stderr
+                .contains(&format!("invalid value '0' for '{flag}")),
+            "{flag} 0: {}",
+            run.stderr
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

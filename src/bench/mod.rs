@@ -245,6 +245,10 @@ pub struct Report {
     /// `rate` is half of its events/s.
     pub full_speed: Option<EndToEnd>,
     pub bulkhead: Option<u32>,
+    /// Limit A's calls at once: the most the worker can make at once
+    /// (`concurrency`, or fewer with a bulkhead, few keys with ordering
+    /// `key`, or ordering `partition`).
+    pub http_concurrency: usize,
     /// Calls sent to the sink before the first phase, not counted: two per
     /// call the worker can make at once, at most one per event.
     pub warm_up_calls: usize,
@@ -440,7 +444,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         options.clone(),
         &events,
         warm_up_calls,
-        warm_up_concurrency(o),
+        calls_at_once(o),
     )
     .await?;
     let warm_up_connections = sink.connections()? - connections_before;
@@ -501,6 +505,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         rate,
         full_speed,
         bulkhead: o.bulkhead,
+        http_concurrency: calls_at_once(o),
         warm_up_calls,
         warm_up_connections,
         consumer_settings: settings.kafka.consumer.clone(),
@@ -617,7 +622,7 @@ impl Phases<'_> {
             actions()?,
             self.options.clone(),
             events,
-            o.concurrency,
+            calls_at_once(o),
             sink,
         )
         .await?;
@@ -1000,19 +1005,29 @@ async fn warm_up(
 /// slow sink take seconds).
 const WARM_UP_LIMIT: Duration = Duration::from_secs(120);
 
-/// The warm-up's concurrency: at most as many calls at once as the worker
-/// can make (`--concurrency`, or `--max-concurrency` when lower). The worker
-/// may make fewer (few keys with ordering `key`; over HTTP/2 its calls share
-/// connections).
-fn warm_up_concurrency(o: &BenchOptions) -> usize {
-    o.bulkhead
-        .map_or(o.concurrency, |b| o.concurrency.min(b as usize))
-        .max(1)
+/// The most calls the worker can make at once: `--concurrency` (its
+/// `max_in_flight`), or fewer when `--max-concurrency` (the action's
+/// bulkhead) is lower or the ordering leaves fewer events runnable at once:
+/// one per key with ordering `key` (`--keys`, simple mix), one per
+/// partition with `partition`. Limit A and the warm-up use it, so that
+/// limit A's calls are as concurrent as the worker's can be: with 3 keys,
+/// 1 024 calls at once would measure 1 024 connections' set-up against a
+/// worker that uses 3. Over HTTP/2 the worker's calls may share fewer
+/// connections.
+fn calls_at_once(o: &BenchOptions) -> usize {
+    let ordered = match (o.ordering, o.mix) {
+        (Ordering::Key, Mix::Simple) => o.keys,
+        (Ordering::Partition, _) => usize::try_from(o.partitions).unwrap_or(1),
+        _ => usize::MAX,
+    };
+    let bulkhead = o.bulkhead.map_or(usize::MAX, |b| b as usize);
+    o.concurrency.min(bulkhead).min(ordered).max(1)
 }
 
-/// Two calls for each call the warm-up makes at once, at most one per event.
+/// Two calls for each call the worker can make at once, at most one per
+/// event.
 fn warm_up_calls(o: &BenchOptions) -> usize {
-    (2 * warm_up_concurrency(o)).min(o.events)
+    (2 * calls_at_once(o)).min(o.events)
 }
 
 /// Rendered requests, each with the client the worker would send it with
@@ -1762,6 +1777,17 @@ pub fn table(r: &Report) -> String {
         }
     }
     let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    if r.http_concurrency != r.concurrency {
+        out.push_str(&format!(
+            "limit A makes {} at once: the most the worker can make ({})\n",
+            counted(r.http_concurrency, "call"),
+            match (r.bulkhead, r.ordering.as_str()) {
+                (Some(b), _) if b as usize == r.http_concurrency => "its throttle.max_concurrency",
+                (_, "partition") => "one per partition",
+                _ => "one per key",
+            }
+        ));
+    }
     out.push_str(&format!(
         "warm-up: {} to the sink over {} before the first phase, not counted\n\n",
         counted(r.warm_up_calls, "call"),
@@ -2072,12 +2098,44 @@ mod tests {
                 concurrency,
                 bulkhead,
                 events,
+                keys: events,
                 ..options(6)
             };
             assert_eq!(
                 warm_up_calls(&o),
                 calls,
                 "{concurrency} {bulkhead:?} {events}"
+            );
+        }
+    }
+
+    #[test]
+    fn limit_a_makes_as_many_calls_at_once_as_the_worker_can() {
+        // (--concurrency, --max-concurrency, ordering, mix, keys, calls at once)
+        for (concurrency, bulkhead, ordering, mix, keys, calls) in [
+            (1024, None, Ordering::Key, Mix::Simple, 10_000, 1024),
+            (1024, None, Ordering::Key, Mix::Simple, 3, 3),
+            (1024, Some(256), Ordering::Key, Mix::Simple, 10_000, 256),
+            (2, Some(256), Ordering::Key, Mix::Simple, 3, 2),
+            (1024, None, Ordering::Partition, Mix::Simple, 10_000, 6),
+            (4, None, Ordering::Partition, Mix::Simple, 10_000, 4),
+            (1024, None, Ordering::None, Mix::Simple, 3, 1024),
+            // The example mix picks its own profiles: --keys does not apply.
+            (1024, None, Ordering::Key, Mix::Examples, 3, 1024),
+        ] {
+            let o = BenchOptions {
+                concurrency,
+                bulkhead,
+                ordering,
+                mix,
+                keys,
+                events: 10_000,
+                ..options(6)
+            };
+            assert_eq!(
+                calls_at_once(&o),
+                calls,
+                "{concurrency} {bulkhead:?} {ordering:?} {mix:?} {keys}"
             );
         }
     }

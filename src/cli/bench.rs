@@ -28,21 +28,20 @@ pub fn run(config: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let options = BenchOptions {
         settings,
         events,
-        concurrency: args.concurrency.max(1),
+        concurrency: args.concurrency,
         mix: args.actions,
         ordering: args.ordering,
-        keys: args.keys.unwrap_or(events).max(1),
+        keys: args.keys.unwrap_or(events),
         sink_latency: args.sink_latency,
         sink_protocol: args.sink_protocol,
         brokers: args.brokers.clone(),
         rate: args.rate,
-        partitions: args.partitions.max(1),
+        partitions: args.partitions,
         bulkhead: args.max_concurrency,
         json: args.json.clone(),
         hold: args.hold,
         rounds: usize::from(args.rounds),
     };
-    anyhow::ensure!(options.events > 0, "--events must be at least 1");
     if let Some(path) = &options.json {
         writable(path).with_context(|| format!("--json {}", path.display()))?;
     }

@@ -98,15 +98,25 @@ pub struct ActionArgs {
     pub event: PathBuf,
 }
 
+/// A count that must be at least 1 (`--events 0` is a mistake, not a
+/// request for one).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Events per phase [default: 10000; with --rate, five seconds of events: 60000 with
     /// `half`, five times the rate with a number (1000 to 60000), so that the rate phase
     /// outlasts its one-second warm-up]
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub events: Option<usize>,
     /// The worker's max_in_flight, and the HTTP limit's concurrency
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     pub concurrency: usize,
     /// Which actions the events use
     #[arg(long, value_enum, default_value = "simple")]
@@ -115,7 +125,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "key")]
     pub ordering: crate::settings::Ordering,
     /// Distinct Kafka keys (profiles); default: one per event
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub keys: Option<usize>,
     /// The sink's answer latency: 0ms, 5ms, or a range such as 1-20ms
     #[arg(long, default_value = "0ms")]
@@ -130,10 +140,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PER_SECOND|half")]
     pub rate: Option<crate::bench::Rate>,
     /// Give the simple action `throttle.max_concurrency: N` (events beyond N wait without a connection)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: Option<u32>,
     /// Partitions of the bench topics
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
     /// Run the phases this many times, one round after another on the same events, sink and
     /// broker; the table shows the round with the median ratio (or, with `--rate`, the median
