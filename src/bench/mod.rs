@@ -1009,7 +1009,7 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(120);
 /// `max_in_flight`), or fewer when `--max-concurrency` (the action's
 /// bulkhead) is lower or the ordering leaves fewer events runnable at once:
 /// one per key with ordering `key` (`--keys`, simple mix), one per
-/// partition with `partition`. Limit A and the warm-up use it, so that
+/// partition with `partition` (or per key, when fewer). Limit A and the warm-up use it, so that
 /// limit A's calls are as concurrent as the worker's can be: with 3 keys,
 /// 1 024 calls at once would measure 1 024 connections' set-up against a
 /// worker that uses 3. Over HTTP/2 the worker's calls may share fewer
@@ -1017,7 +1017,12 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(120);
 fn calls_at_once(o: &BenchOptions) -> usize {
     let ordered = match (o.ordering, o.mix) {
         (Ordering::Key, Mix::Simple) => o.keys,
-        (Ordering::Partition, _) => usize::try_from(o.partitions).unwrap_or(1),
+        // The simple mix's keys place its events: with fewer keys than
+        // partitions, some partitions get none.
+        (Ordering::Partition, Mix::Simple) => {
+            usize::try_from(o.partitions).unwrap_or(1).min(o.keys)
+        }
+        (Ordering::Partition, Mix::Examples) => usize::try_from(o.partitions).unwrap_or(1),
         _ => usize::MAX,
     };
     let bulkhead = o.bulkhead.map_or(usize::MAX, |b| b as usize);
@@ -1783,7 +1788,9 @@ pub fn table(r: &Report) -> String {
             counted(r.http_concurrency, "call"),
             match (r.bulkhead, r.ordering.as_str()) {
                 (Some(b), _) if b as usize == r.http_concurrency => "its throttle.max_concurrency",
-                (_, "partition") => "one per partition",
+                (_, "partition") if r.partitions as usize == r.http_concurrency => {
+                    "one per partition"
+                }
                 _ => "one per key",
             }
         ));
@@ -2119,6 +2126,7 @@ mod tests {
             (2, Some(256), Ordering::Key, Mix::Simple, 3, 2),
             (1024, None, Ordering::Partition, Mix::Simple, 10_000, 6),
             (4, None, Ordering::Partition, Mix::Simple, 10_000, 4),
+            (1024, None, Ordering::Partition, Mix::Simple, 3, 3),
             (1024, None, Ordering::None, Mix::Simple, 3, 1024),
             // The example mix picks its own profiles: --keys does not apply.
             (1024, None, Ordering::Key, Mix::Examples, 3, 1024),

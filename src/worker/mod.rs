@@ -324,6 +324,12 @@ impl Worker {
             ack_window: max_in_flight.max(MIN_ACK_WINDOW),
             paused: false,
             full_since: None,
+            waker: Waker {
+                consumer: consumer.clone(),
+                topic: kafka.input_topic.clone(),
+                running: None,
+                last: None,
+            },
         };
         let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,6 +405,8 @@ impl Worker {
         })
         .await
         .ok();
+        // A wake still running holds a handle of the consumer.
+        state.waker.finish().await;
         // The loop's share of the producer goes first, so that the last one
         // (whose drop joins the delivery report thread, and flushes what a
         // purge leaves) is normally dropped here, off the runtime's threads
@@ -477,6 +485,8 @@ struct Loop {
     paused: bool,
     /// Since when the loop is [`Loop::full`] (reading stopped).
     full_since: Option<tokio::time::Instant>,
+    /// Wakes the broker threads after a resume.
+    waker: Waker,
 }
 
 impl Loop {
@@ -549,6 +559,15 @@ impl Loop {
         if self.shared.assigned.swap(false, AtomicOrdering::Relaxed) {
             let ours: HashSet<i32> = self.shared.partitions().keys().copied().collect();
             self.held_back.retain(|p| ours.contains(p));
+            // As in queue_grew: not every partition is held back.
+            if !ours.is_empty() && self.held_back.len() >= ours.len() {
+                if let Some(&p) = self.held_back.iter().next() {
+                    self.held_back.remove(&p);
+                    if !self.paused && self.pause_partitions(&[p], false) {
+                        self.waker.wake(vec![p], true);
+                    }
+                }
+            }
             if self.paused {
                 self.set_paused(true);
             } else if !self.held_back.is_empty() {
@@ -599,7 +618,9 @@ impl Loop {
             // While everything is paused, the general resume takes it too.
             if !self.paused {
                 tracing::debug!(partition, "backlog: partition resumed");
-                self.pause_partitions(&[partition], false);
+                if self.pause_partitions(&[partition], false) {
+                    self.waker.wake(vec![partition], false);
+                }
             }
         }
     }
@@ -787,7 +808,7 @@ impl Loop {
                 "backpressure"
             );
             if !pause {
-                wake_fetchers(&self.consumer, &self.shared.topic, partitions);
+                self.waker.wake(partitions, true);
             }
         }
     }
@@ -827,28 +848,63 @@ impl Loop {
     }
 }
 
-/// After the whole assignment was paused, wakes the consumer's broker
-/// threads so that they fetch the resumed partitions now. librdkafka applies
-/// a resume without waking a broker thread, and one whose partitions were
-/// all paused sleeps up to a second (its longest wait) before it looks
-/// again: a provider slower than [`PAUSE_AFTER`] at 64 in flight (2 s each)
-/// got 23 events/s of the 32 its calls allow, the worker idle for up to a
-/// second after every wave. A request to a partition's leader wakes its
-/// thread: a watermark query for each resumed partition, off the runtime's
-/// threads (a few ms each); its answer is not used.
-fn wake_fetchers(consumer: &Arc<StreamConsumer<WorkerContext>>, topic: &str, partitions: Vec<i32>) {
-    let (consumer, topic) = (consumer.clone(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        for p in partitions {
-            if let Err(e) = consumer.fetch_watermarks(&topic, p, WAKE_WAIT) {
-                tracing::debug!(partition = p, error = %e, "waking the fetcher");
-            }
-        }
-    });
+/// Wakes the consumer's broker threads after a resume, so that they fetch
+/// the resumed partitions now. librdkafka applies a resume without waking a
+/// broker thread, and one whose partitions were all paused sleeps up to a
+/// second (its longest wait) before it looks again: a provider slower than
+/// [`PAUSE_AFTER`] at 64 in flight (2 s each) got 23 events/s of the 32 its
+/// calls allow, the worker idle for up to a second after every wave. A
+/// request to a partition's leader wakes its thread: a watermark query for
+/// each resumed partition (its answer is not used), on a blocking thread.
+/// One wake at a time, all of its queries within [`WAKE_WAIT`]; a wake for
+/// one partition's backlog ([`Loop::queue_shrank`]) at most every
+/// [`WAKE_EVERY`], since those resumes can come hundreds of times a second.
+struct Waker {
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    topic: String,
+    running: Option<tokio::task::JoinHandle<()>>,
+    last: Option<Instant>,
 }
 
-/// How long a watermark query that wakes a fetcher ([`wake_fetchers`]) is waited for.
-const WAKE_WAIT: Duration = Duration::from_secs(2);
+impl Waker {
+    /// Wakes the leaders of `partitions`, unless a wake is still running
+    /// (or, when `eager` is false, one started within [`WAKE_EVERY`]).
+    fn wake(&mut self, partitions: Vec<i32>, eager: bool) {
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        if !eager && self.last.is_some_and(|at| at.elapsed() < WAKE_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + WAKE_WAIT;
+            for p in partitions {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if let Err(e) = consumer.fetch_watermarks(&topic, p, left) {
+                    tracing::debug!(partition = p, error = %e, "waking the fetcher");
+                }
+            }
+        }));
+    }
+
+    /// Waits for a running wake (at most [`WAKE_WAIT`]): it holds a handle
+    /// of the consumer, whose last handle must be dropped by the shutdown.
+    async fn finish(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.await;
+        }
+    }
+}
+
+/// The longest a wake's queries ([`Waker`]) take in all.
+const WAKE_WAIT: Duration = Duration::from_secs(1);
+/// The least time between two wakes for a partition's backlog.
+const WAKE_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a partition with `queued` events waiting behind their keys is
 /// held back ([`Loop::queue_grew`]): at `at` of them, unless it is the last
