@@ -324,12 +324,7 @@ impl Worker {
             ack_window: max_in_flight.max(MIN_ACK_WINDOW),
             paused: false,
             full_since: None,
-            waker: Waker {
-                consumer: consumer.clone(),
-                topic: kafka.input_topic.clone(),
-                running: None,
-                last: None,
-            },
+            waker: Waker::new(consumer.clone(), kafka.input_topic.clone()),
         };
         let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -564,7 +559,7 @@ impl Loop {
                 if let Some(&p) = self.held_back.iter().next() {
                     self.held_back.remove(&p);
                     if !self.paused && self.pause_partitions(&[p], false) {
-                        self.waker.wake(vec![p], true);
+                        self.waker.wake(&[p]);
                     }
                 }
             }
@@ -619,7 +614,7 @@ impl Loop {
             if !self.paused {
                 tracing::debug!(partition, "backlog: partition resumed");
                 if self.pause_partitions(&[partition], false) {
-                    self.waker.wake(vec![partition], false);
+                    self.waker.wake(&[partition]);
                 }
             }
         }
@@ -808,7 +803,7 @@ impl Loop {
                 "backpressure"
             );
             if !pause {
-                self.waker.wake(partitions, true);
+                self.waker.wake(&partitions);
             }
         }
     }
@@ -855,55 +850,120 @@ impl Loop {
 /// [`PAUSE_AFTER`] at 64 in flight (2 s each) got 23 events/s of the 32 its
 /// calls allow, the worker idle for up to a second after every wave. A
 /// request to a partition's leader wakes its thread: a watermark query for
-/// each resumed partition (its answer is not used), on a blocking thread.
-/// One wake at a time, all of its queries within [`WAKE_WAIT`]; a wake for
-/// one partition's backlog ([`Loop::queue_shrank`]) at most every
-/// [`WAKE_EVERY`], since those resumes can come hundreds of times a second.
+/// each resumed partition (its answer is not used), from one blocking task
+/// at a time, which takes the partitions resumed meanwhile too. A partition
+/// is queried at most every [`WAKE_EVERY`] (backlog resumes can come
+/// hundreds of times a second): a later resume waits for that.
 struct Waker {
     consumer: Arc<StreamConsumer<WorkerContext>>,
     topic: String,
+    state: Arc<Mutex<Wakes>>,
     running: Option<tokio::task::JoinHandle<()>>,
-    last: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Wakes {
+    /// Partitions resumed and not queried since.
+    pending: std::collections::BTreeSet<i32>,
+    /// When each partition was last queried.
+    last: HashMap<i32, Instant>,
+    /// A task is querying (it clears this when it finds nothing pending).
+    busy: bool,
+    /// The worker is stopping: no more queries.
+    stop: bool,
 }
 
 impl Waker {
-    /// Wakes the leaders of `partitions`, unless a wake is still running
-    /// (or, when `eager` is false, one started within [`WAKE_EVERY`]).
-    fn wake(&mut self, partitions: Vec<i32>, eager: bool) {
-        if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+    fn new(consumer: Arc<StreamConsumer<WorkerContext>>, topic: String) -> Waker {
+        Waker {
+            consumer,
+            topic,
+            state: Arc::default(),
+            running: None,
+        }
+    }
+
+    /// Wakes the leaders of `partitions`.
+    fn wake(&mut self, partitions: &[i32]) {
+        let Ok(mut wakes) = self.state.lock() else {
+            return;
+        };
+        if wakes.stop {
             return;
         }
-        if !eager && self.last.is_some_and(|at| at.elapsed() < WAKE_EVERY) {
-            return;
+        wakes.pending.extend(partitions);
+        if wakes.busy {
+            return; // the running task takes them
         }
-        self.last = Some(Instant::now());
-        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        wakes.busy = true;
+        let (consumer, topic, state) = (
+            self.consumer.clone(),
+            self.topic.clone(),
+            self.state.clone(),
+        );
         self.running = Some(tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + WAKE_WAIT;
-            for p in partitions {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                if let Err(e) = consumer.fetch_watermarks(&topic, p, left) {
-                    tracing::debug!(partition = p, error = %e, "waking the fetcher");
-                }
-            }
+            Waker::query(&consumer, &topic, &state)
         }));
     }
 
-    /// Waits for a running wake (at most [`WAKE_WAIT`]): it holds a handle
-    /// of the consumer, whose last handle must be dropped by the shutdown.
+    /// The task: queries what is pending, partitions due first, until
+    /// nothing is.
+    fn query(consumer: &StreamConsumer<WorkerContext>, topic: &str, state: &Mutex<Wakes>) {
+        loop {
+            let due: Vec<i32> = {
+                let Ok(mut wakes) = state.lock() else {
+                    return;
+                };
+                if wakes.stop || wakes.pending.is_empty() {
+                    wakes.busy = false;
+                    return;
+                }
+                let now = Instant::now();
+                let ready = |p: &i32, w: &Wakes| {
+                    w.last
+                        .get(p)
+                        .is_none_or(|at| now.duration_since(*at) >= WAKE_EVERY)
+                };
+                let due: Vec<i32> = wakes
+                    .pending
+                    .iter()
+                    .copied()
+                    .filter(|p| ready(p, &wakes))
+                    .collect();
+                for p in &due {
+                    wakes.pending.remove(p);
+                    wakes.last.insert(*p, now);
+                }
+                due
+            };
+            if due.is_empty() {
+                std::thread::sleep(WAKE_EVERY / 10);
+                continue;
+            }
+            for p in due {
+                if let Err(e) = consumer.fetch_watermarks(topic, p, WAKE_WAIT) {
+                    tracing::debug!(partition = p, error = %e, "waking the fetcher");
+                }
+            }
+        }
+    }
+
+    /// Stops the queries and waits for the running one (at most
+    /// [`WAKE_WAIT`] per partition it was querying): the task holds a handle
+    /// of the consumer, whose last handle the shutdown must drop.
     async fn finish(&mut self) {
+        if let Ok(mut wakes) = self.state.lock() {
+            wakes.stop = true;
+        }
         if let Some(running) = self.running.take() {
             let _ = running.await;
         }
     }
 }
 
-/// The longest a wake's queries ([`Waker`]) take in all.
+/// How long one wake query ([`Waker`]) is waited for.
 const WAKE_WAIT: Duration = Duration::from_secs(1);
-/// The least time between two wakes for a partition's backlog.
+/// The least time between two wake queries of a partition.
 const WAKE_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a partition with `queued` events waiting behind their keys is
