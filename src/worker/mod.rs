@@ -867,7 +867,8 @@ struct Wakes {
     pending: std::collections::BTreeSet<i32>,
     /// When each partition was last queried.
     last: HashMap<i32, Instant>,
-    /// A task is querying (it clears this when it finds nothing pending).
+    /// A task is querying (it clears this when it finds nothing pending,
+    /// or the worker stopping).
     busy: bool,
     /// The worker is stopping: no more queries.
     stop: bool,
@@ -902,19 +903,23 @@ impl Waker {
             self.state.clone(),
         );
         self.running = Some(tokio::task::spawn_blocking(move || {
-            Waker::query(&consumer, &topic, &state)
+            Waker::query(consumer, &topic, &state)
         }));
     }
 
     /// The task: queries what is pending, partitions due first, until
-    /// nothing is.
-    fn query(consumer: &StreamConsumer<WorkerContext>, topic: &str, state: &Mutex<Wakes>) {
+    /// nothing is (or the worker stops). Its handle of the consumer is
+    /// dropped before it says it is done, so that a task started after it
+    /// is the only one [`Waker::finish`] has to wait for.
+    fn query(consumer: Arc<StreamConsumer<WorkerContext>>, topic: &str, state: &Mutex<Wakes>) {
+        let mut consumer = Some(consumer);
         loop {
             let due: Vec<i32> = {
                 let Ok(mut wakes) = state.lock() else {
                     return;
                 };
                 if wakes.stop || wakes.pending.is_empty() {
+                    drop(consumer.take());
                     wakes.busy = false;
                     return;
                 }
@@ -940,17 +945,26 @@ impl Waker {
                 std::thread::sleep(WAKE_EVERY / 10);
                 continue;
             }
+            // One batch takes WAKE_WAIT at most (an unreachable leader), and
+            // stops with the worker.
+            let deadline = Instant::now() + WAKE_WAIT;
             for p in due {
-                if let Err(e) = consumer.fetch_watermarks(topic, p, WAKE_WAIT) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let stopping = state.lock().map_or(true, |w| w.stop);
+                let Some(consumer) = consumer.as_ref().filter(|_| !left.is_zero() && !stopping)
+                else {
+                    break;
+                };
+                if let Err(e) = consumer.fetch_watermarks(topic, p, left) {
                     tracing::debug!(partition = p, error = %e, "waking the fetcher");
                 }
             }
         }
     }
 
-    /// Stops the queries and waits for the running one (at most
-    /// [`WAKE_WAIT`] per partition it was querying): the task holds a handle
-    /// of the consumer, whose last handle the shutdown must drop.
+    /// Stops the queries and waits for the running one (at most one query,
+    /// [`WAKE_WAIT`]): the task holds a handle of the consumer, whose last
+    /// handle the shutdown must drop.
     async fn finish(&mut self) {
         if let Ok(mut wakes) = self.state.lock() {
             wakes.stop = true;
@@ -961,7 +975,7 @@ impl Waker {
     }
 }
 
-/// How long one wake query ([`Waker`]) is waited for.
+/// The longest a batch of wake queries ([`Waker`]) takes.
 const WAKE_WAIT: Duration = Duration::from_secs(1);
 /// The least time between two wake queries of a partition.
 const WAKE_EVERY: Duration = Duration::from_millis(100);
