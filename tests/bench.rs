@@ -77,6 +77,13 @@ fn every_phase_sees_every_event_and_the_figures_agree() {
         "2",
     ]);
 
+    // 100 keys and 64 in flight: limit A makes the worker's 64 calls at once.
+    assert_eq!(
+        report["http_concurrency"],
+        serde_json::json!({"calls": 64, "by": "--concurrency"})
+    );
+    assert!(!stdout.contains("limit A makes"), "{stdout}");
+
     // Two rounds ran; the phases reported are those of the round with the
     // median ratio (of two, the lower), and the peak RSS is the first's.
     let rounds = report["rounds"].as_array().expect("rounds");
@@ -475,9 +482,10 @@ fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
             .spawn()
             .expect("run bench"),
     );
-    let mut held = Vec::new();
+    let (mut held, mut table) = (Vec::new(), Vec::new());
     for line in BufReader::new(child.0.stdout.take().expect("stdout")).lines() {
         let line = line.expect("stdout is text");
+        table.push(line.clone());
         let last = line.starts_with("Ctrl-C");
         if line.starts_with("held:") || !held.is_empty() {
             held.push(line);
@@ -495,6 +503,14 @@ fn hold_keeps_the_topics_and_the_sink_up_until_sigterm() {
             })
             .to_string()
     };
+    // 30 keys with ordering `key`: the worker makes 30 calls at once at
+    // most, and so does limit A (not --concurrency's 32).
+    let at_once = "limit A makes 30 calls at once: the most the worker can make (one per key)";
+    assert!(
+        table.iter().any(|l| l == at_once),
+        "no {at_once:?} in:\n{}",
+        table.join("\n")
+    );
     let brokers = field("held: brokers ");
     let topics = field("topics: ");
     let input = topics.split_whitespace().next().expect("a topic");

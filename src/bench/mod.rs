@@ -247,8 +247,8 @@ pub struct Report {
     pub bulkhead: Option<u32>,
     /// Limit A's calls at once: the most the worker can make at once
     /// (`concurrency`, or fewer with a bulkhead, few keys with ordering
-    /// `key`, or ordering `partition`).
-    pub http_concurrency: usize,
+    /// `key`, or ordering `partition`), and which of these bounds them.
+    pub http_concurrency: CallsAtOnce,
     /// Calls sent to the sink before the first phase, not counted: two per
     /// call the worker can make at once, at most one per event.
     pub warm_up_calls: usize,
@@ -444,7 +444,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<(Report, Option<Held>)
         options.clone(),
         &events,
         warm_up_calls,
-        calls_at_once(o),
+        calls_at_once(o).calls,
     )
     .await?;
     let warm_up_connections = sink.connections()? - connections_before;
@@ -622,7 +622,7 @@ impl Phases<'_> {
             actions()?,
             self.options.clone(),
             events,
-            calls_at_once(o),
+            calls_at_once(o).calls,
             sink,
         )
         .await?;
@@ -1014,25 +1014,46 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(120);
 /// 1 024 calls at once would measure 1 024 connections' set-up against a
 /// worker that uses 3. Over HTTP/2 the worker's calls may share fewer
 /// connections.
-fn calls_at_once(o: &BenchOptions) -> usize {
+fn calls_at_once(o: &BenchOptions) -> CallsAtOnce {
+    let partitions = usize::try_from(o.partitions).unwrap_or(1);
     let ordered = match (o.ordering, o.mix) {
-        (Ordering::Key, Mix::Simple) => o.keys,
+        (Ordering::Key, Mix::Simple) => Some((o.keys, "one per key")),
         // The simple mix's keys place its events: with fewer keys than
         // partitions, some partitions get none.
-        (Ordering::Partition, Mix::Simple) => {
-            usize::try_from(o.partitions).unwrap_or(1).min(o.keys)
-        }
-        (Ordering::Partition, Mix::Examples) => usize::try_from(o.partitions).unwrap_or(1),
-        _ => usize::MAX,
+        (Ordering::Partition, Mix::Simple) if o.keys < partitions => Some((o.keys, "one per key")),
+        (Ordering::Partition, _) => Some((partitions, "one per partition")),
+        _ => None,
     };
-    let bulkhead = o.bulkhead.map_or(usize::MAX, |b| b as usize);
-    o.concurrency.min(bulkhead).min(ordered).max(1)
+    let bulkhead = o
+        .bulkhead
+        .map(|b| (b as usize, "its throttle.max_concurrency"));
+    [Some((o.concurrency, "--concurrency")), bulkhead, ordered]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(calls, _)| *calls)
+        .map(|(calls, by)| CallsAtOnce {
+            calls: calls.max(1),
+            by,
+        })
+        .unwrap_or(CallsAtOnce {
+            calls: 1,
+            by: "--concurrency",
+        })
+}
+
+/// The most calls the worker can make at once, and what bounds them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CallsAtOnce {
+    pub calls: usize,
+    /// `--concurrency`, `its throttle.max_concurrency`, `one per key` or
+    /// `one per partition`.
+    pub by: &'static str,
 }
 
 /// Two calls for each call the worker can make at once, at most one per
 /// event.
 fn warm_up_calls(o: &BenchOptions) -> usize {
-    (2 * calls_at_once(o)).min(o.events)
+    (2 * calls_at_once(o).calls).min(o.events)
 }
 
 /// Rendered requests, each with the client the worker would send it with
@@ -1782,17 +1803,11 @@ pub fn table(r: &Report) -> String {
         }
     }
     let counted = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    if r.http_concurrency != r.concurrency {
+    if r.http_concurrency.calls != r.concurrency {
         out.push_str(&format!(
             "limit A makes {} at once: the most the worker can make ({})\n",
-            counted(r.http_concurrency, "call"),
-            match (r.bulkhead, r.ordering.as_str()) {
-                (Some(b), _) if b as usize == r.http_concurrency => "its throttle.max_concurrency",
-                (_, "partition") if r.partitions as usize == r.http_concurrency => {
-                    "one per partition"
-                }
-                _ => "one per key",
-            }
+            counted(r.http_concurrency.calls, "call"),
+            r.http_concurrency.by
         ));
     }
     out.push_str(&format!(
@@ -2118,18 +2133,82 @@ mod tests {
 
     #[test]
     fn limit_a_makes_as_many_calls_at_once_as_the_worker_can() {
-        // (--concurrency, --max-concurrency, ordering, mix, keys, calls at once)
-        for (concurrency, bulkhead, ordering, mix, keys, calls) in [
-            (1024, None, Ordering::Key, Mix::Simple, 10_000, 1024),
-            (1024, None, Ordering::Key, Mix::Simple, 3, 3),
-            (1024, Some(256), Ordering::Key, Mix::Simple, 10_000, 256),
-            (2, Some(256), Ordering::Key, Mix::Simple, 3, 2),
-            (1024, None, Ordering::Partition, Mix::Simple, 10_000, 6),
-            (4, None, Ordering::Partition, Mix::Simple, 10_000, 4),
-            (1024, None, Ordering::Partition, Mix::Simple, 3, 3),
-            (1024, None, Ordering::None, Mix::Simple, 3, 1024),
+        // (--concurrency, --max-concurrency, ordering, mix, keys, calls at once, bound)
+        for (concurrency, bulkhead, ordering, mix, keys, calls, by) in [
+            (
+                1024,
+                None,
+                Ordering::Key,
+                Mix::Simple,
+                10_000,
+                1024,
+                "--concurrency",
+            ),
+            (1024, None, Ordering::Key, Mix::Simple, 3, 3, "one per key"),
+            (
+                1024,
+                Some(256),
+                Ordering::Key,
+                Mix::Simple,
+                10_000,
+                256,
+                "its throttle.max_concurrency",
+            ),
+            (
+                2,
+                Some(256),
+                Ordering::Key,
+                Mix::Simple,
+                3,
+                2,
+                "--concurrency",
+            ),
+            (
+                1024,
+                None,
+                Ordering::Partition,
+                Mix::Simple,
+                10_000,
+                6,
+                "one per partition",
+            ),
+            (
+                4,
+                None,
+                Ordering::Partition,
+                Mix::Simple,
+                10_000,
+                4,
+                "--concurrency",
+            ),
+            (
+                1024,
+                None,
+                Ordering::Partition,
+                Mix::Simple,
+                3,
+                3,
+                "one per key",
+            ),
+            (
+                1024,
+                None,
+                Ordering::None,
+                Mix::Simple,
+                3,
+                1024,
+                "--concurrency",
+            ),
             // The example mix picks its own profiles: --keys does not apply.
-            (1024, None, Ordering::Key, Mix::Examples, 3, 1024),
+            (
+                1024,
+                None,
+                Ordering::Key,
+                Mix::Examples,
+                3,
+                1024,
+                "--concurrency",
+            ),
         ] {
             let o = BenchOptions {
                 concurrency,
@@ -2140,9 +2219,10 @@ mod tests {
                 events: 10_000,
                 ..options(6)
             };
+            let at_once = calls_at_once(&o);
             assert_eq!(
-                calls_at_once(&o),
-                calls,
+                (at_once.calls, at_once.by),
+                (calls, by),
                 "{concurrency} {bulkhead:?} {ordering:?} {mix:?} {keys}"
             );
         }

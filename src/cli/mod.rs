@@ -98,14 +98,10 @@ pub struct ActionArgs {
     pub event: PathBuf,
 }
 
-/// A count that must be at least 1 (`--events 0` is a mistake, not a
-/// request for one).
-fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
+/// A count from 1 to 10 000 000 (`--events 0` is a mistake, not a request
+/// for one); clap's message names the range.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=10_000_000)
 }
 
 #[derive(Debug, Args)]
@@ -113,10 +109,10 @@ pub struct BenchArgs {
     /// Events per phase [default: 10000; with --rate, five seconds of events: 60000 with
     /// `half`, five times the rate with a number (1000 to 60000), so that the rate phase
     /// outlasts its one-second warm-up]
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = at_least_one())]
     pub events: Option<usize>,
     /// The worker's max_in_flight, and the HTTP limit's concurrency
-    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one())]
     pub concurrency: usize,
     /// Which actions the events use
     #[arg(long, value_enum, default_value = "simple")]
@@ -125,7 +121,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "key")]
     pub ordering: crate::settings::Ordering,
     /// Distinct Kafka keys (profiles); default: one per event
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = at_least_one())]
     pub keys: Option<usize>,
     /// The sink's answer latency: 0ms, 5ms, or a range such as 1-20ms
     #[arg(long, default_value = "0ms")]

@@ -558,8 +558,8 @@ impl Loop {
             if !ours.is_empty() && self.held_back.len() >= ours.len() {
                 if let Some(&p) = self.held_back.iter().next() {
                     self.held_back.remove(&p);
-                    if !self.paused && self.pause_partitions(&[p], false) {
-                        self.waker.wake(&[p]);
+                    if !self.paused {
+                        self.pause_partitions(&[p], false);
                     }
                 }
             }
@@ -613,9 +613,7 @@ impl Loop {
             // While everything is paused, the general resume takes it too.
             if !self.paused {
                 tracing::debug!(partition, "backlog: partition resumed");
-                if self.pause_partitions(&[partition], false) {
-                    self.waker.wake(&[partition]);
-                }
+                self.pause_partitions(&[partition], false);
             }
         }
     }
@@ -802,15 +800,13 @@ impl Loop {
                 delivering = self.delivering,
                 "backpressure"
             );
-            if !pause {
-                self.waker.wake(&partitions);
-            }
         }
     }
 
     /// Pauses or resumes some partitions of the input topic; false if
-    /// librdkafka refused.
-    fn pause_partitions(&self, partitions: &[i32], pause: bool) -> bool {
+    /// librdkafka refused. A resume wakes the partitions' broker threads
+    /// ([`Waker`]).
+    fn pause_partitions(&mut self, partitions: &[i32], pause: bool) -> bool {
         let mut list = TopicPartitionList::new();
         for &p in partitions {
             list.add_partition(&self.shared.topic, p);
@@ -821,7 +817,12 @@ impl Loop {
             self.consumer.resume(&list)
         };
         match result {
-            Ok(()) => true,
+            Ok(()) => {
+                if !pause {
+                    self.waker.wake(partitions);
+                }
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, ?partitions, pause, "pause/resume failed");
                 false
